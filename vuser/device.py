@@ -1,0 +1,335 @@
+"""Device model: what a device declares, and what the framework derives.
+
+A device declares (style.md, "Devices"): its virtio id, the queues it always
+has, an ordered list of device-specific features where a feature may bring
+queues, and its config fields (offset, size, the feature that makes the field
+exist, whether the driver may write it).  From that the framework derives:
+
+* the offered feature bits (minus what the user switched off),
+* the queue layout — which index is which queue — under a switchable policy
+  (design.md semantics 2, seeds 000 and 001):
+
+  ``offered`` (default)  queues exist when their feature is *offered*;
+                         indexes are compact in feature-list order.  This is
+                         what QEMU and Linux do.
+  ``negotiated``         compact over the *negotiated* features (the reading
+                         seed 001 shows people assume).
+  ``fixed``              the spec's numbering: every declared queue keeps the
+                         index it has when all features are offered.
+
+* the config space: a field exists when its feature is offered, at its fixed
+  offset, readable at any time — also before any SET_FEATURES (seed 002) —
+  and a config write only changes the fields the driver may write
+  (design.md semantics 4).
+
+Devices implement queue handlers (``on_kick``), config values, feature
+validation and reset; they see chains as memoryviews, never guest addresses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .connection import DeviceContext, QueueHandle
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("offered", "negotiated", "fixed")
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A feature bit; ``queues`` are the roles of the queues it brings."""
+
+    bit: int
+    name: str
+    queues: tuple[str, ...] = ()
+    doc: str = ""
+
+    @property
+    def short(self) -> str:
+        """The name without its VIRTIO_xxx_F_ prefix."""
+        head, sep, tail = self.name.partition("_F_")
+        return tail if sep else self.name
+
+
+# Transport and ring features (virtio spec 6) the framework offers for every
+# device: the ring code implements both ring features (QEMU 7.2's rng turns
+# them on anyway, design.md), VERSION_1 makes the device transitional-capable
+# modern; a legacy driver simply does not accept it (seed 003).
+VIRTIO_F_NOTIFY_ON_EMPTY = Feature(24, "VIRTIO_F_NOTIFY_ON_EMPTY")
+VIRTIO_F_ANY_LAYOUT = Feature(27, "VIRTIO_F_ANY_LAYOUT")
+VIRTIO_RING_F_INDIRECT_DESC = Feature(28, "VIRTIO_RING_F_INDIRECT_DESC")
+VIRTIO_RING_F_EVENT_IDX = Feature(29, "VIRTIO_RING_F_EVENT_IDX")
+VHOST_USER_F_PROTOCOL_FEATURES = Feature(30, "VHOST_USER_F_PROTOCOL_FEATURES")
+VIRTIO_F_VERSION_1 = Feature(32, "VIRTIO_F_VERSION_1")
+VIRTIO_F_ACCESS_PLATFORM = Feature(33, "VIRTIO_F_ACCESS_PLATFORM")
+VIRTIO_F_RING_PACKED = Feature(34, "VIRTIO_F_RING_PACKED")
+VIRTIO_F_IN_ORDER = Feature(35, "VIRTIO_F_IN_ORDER")
+VIRTIO_F_ORDER_PLATFORM = Feature(36, "VIRTIO_F_ORDER_PLATFORM")
+VIRTIO_F_SR_IOV = Feature(37, "VIRTIO_F_SR_IOV")
+VIRTIO_F_NOTIFICATION_DATA = Feature(38, "VIRTIO_F_NOTIFICATION_DATA")
+VIRTIO_F_RING_RESET = Feature(40, "VIRTIO_F_RING_RESET")
+VHOST_F_LOG_ALL = Feature(26, "VHOST_F_LOG_ALL")
+
+TRANSPORT_FEATURES: tuple[Feature, ...] = (
+    VIRTIO_RING_F_INDIRECT_DESC,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
+)
+KNOWN_TRANSPORT_FEATURES: tuple[Feature, ...] = (
+    VIRTIO_F_NOTIFY_ON_EMPTY, VHOST_F_LOG_ALL, VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_INDIRECT_DESC,
+    VIRTIO_RING_F_EVENT_IDX, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_IN_ORDER, VIRTIO_F_ORDER_PLATFORM,
+    VIRTIO_F_SR_IOV, VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_RESET,
+)
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """A device config field at a fixed offset (drivers use offsetof)."""
+
+    name: str
+    offset: int
+    size: int
+    feature: str | None = None  # short or full feature name; None: always exists
+    writable: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+@dataclass(frozen=True)
+class QueueLayout:
+    """Queue index -> role under one policy, plus what was used to derive it."""
+
+    policy: str
+    roles: Mapping[int, str]
+
+    def index_of(self, role: str) -> int | None:
+        for index, r in self.roles.items():
+            if r == role:
+                return index
+        return None
+
+    def as_list(self) -> list[dict[str, Any]]:
+        return [{"index": i, "role": r} for i, r in sorted(self.roles.items())]
+
+
+class DeviceError(Exception):
+    """A device option or declaration is invalid (user error)."""
+
+
+def _feature_key(name: str) -> str:
+    up = name.strip().upper()
+    head, sep, tail = up.partition("_F_")
+    return tail if sep else up
+
+
+class Device:
+    """Base class of every device.  Subclasses fill the class variables and
+    override the hooks they need."""
+
+    name: ClassVar[str] = ""
+    virtio_id: ClassVar[int] = 0
+    base_queues: ClassVar[tuple[str, ...]] = ()
+    features: ClassVar[tuple[Feature, ...]] = ()
+    config_fields: ClassVar[tuple[ConfigField, ...]] = ()
+    transport_features: ClassVar[tuple[Feature, ...]] = TRANSPORT_FEATURES
+    description: ClassVar[str] = ""
+
+    def __init__(self, *, without: Iterable[str] = (), queue_policy: str = "offered") -> None:
+        if queue_policy not in POLICIES:
+            raise DeviceError(f"queue policy {queue_policy!r} is not one of {', '.join(POLICIES)}")
+        self.queue_policy = queue_policy
+        wanted_off = {_feature_key(n) for n in without}
+        by_key = {_feature_key(f.name): f for f in (*self.features, *self.transport_features)}
+        unknown = wanted_off - set(by_key)
+        if unknown:
+            known = ", ".join(f.short for f in self.features)
+            raise DeviceError(f"{self.name}: unknown feature(s) {', '.join(sorted(unknown))}; known: {known}")
+        self.offered: tuple[Feature, ...] = tuple(
+            f for f in (*self.features, *self.transport_features) if _feature_key(f.name) not in wanted_off
+        )
+        self.context: DeviceContext | None = None
+
+    # ----------------------------------------------------------- features
+
+    @property
+    def offered_bits(self) -> int:
+        bits = 0
+        for f in self.offered:
+            bits |= 1 << f.bit
+        return bits
+
+    @classmethod
+    def all_features(cls) -> tuple[Feature, ...]:
+        return (*cls.features, *cls.transport_features)
+
+    @classmethod
+    def feature_names(cls, bits: int) -> list[str]:
+        """Decode feature bits to spec names (device, then transport)."""
+        names = {f.bit: f.name for f in KNOWN_TRANSPORT_FEATURES}
+        names.update({f.bit: f.name for f in cls.features})
+        return [names.get(b, f"bit{b}") for b in range(64) if bits & (1 << b)]
+
+    def is_offered(self, name: str) -> bool:
+        key = _feature_key(name)
+        return any(_feature_key(f.name) == key for f in self.offered)
+
+    def feature(self, name: str) -> Feature:
+        key = _feature_key(name)
+        for f in self.all_features():
+            if _feature_key(f.name) == key:
+                return f
+        raise KeyError(name)
+
+    def has(self, name: str, features: int) -> bool:
+        """Is feature ``name`` in the bit set ``features``?"""
+        return bool(features & (1 << self.feature(name).bit))
+
+    def validate_features(self, accepted: int) -> str | None:
+        """Return a reason to refuse ``accepted`` at FEATURES_OK, or None."""
+        return None
+
+    # ----------------------------------------------------------- queues
+
+    def queue_layout(self, negotiated: int | None = None, policy: str | None = None) -> QueueLayout:
+        """Derive index -> role.  ``negotiated`` matters only for the
+        ``negotiated`` policy (None there means: nothing negotiated yet, so
+        the offered set stands in)."""
+        policy = policy or self.queue_policy
+        roles: dict[int, str] = {}
+        index = 0
+        for role in self.base_queues:
+            roles[index] = role
+            index += 1
+        offered_keys = {_feature_key(f.name) for f in self.offered}
+        for f in self.features:
+            present = _feature_key(f.name) in offered_keys
+            if policy == "negotiated" and negotiated is not None:
+                present = present and bool(negotiated & (1 << f.bit))
+            for role in f.queues:
+                if present:
+                    roles[index] = role
+                if present or policy == "fixed":
+                    index += 1
+        return QueueLayout(policy, roles)
+
+    @property
+    def max_queues(self) -> int:
+        """Number of queue slots the front-end may address: the highest index
+        any policy can give, plus one."""
+        counts = [max(self.queue_layout(None, p).roles, default=-1) + 1 for p in POLICIES]
+        return max(counts)
+
+    # ----------------------------------------------------------- config
+
+    def existing_fields(self) -> list[ConfigField]:
+        return [f for f in self.config_fields if f.feature is None or self.is_offered(f.feature)]
+
+    @property
+    def config_size(self) -> int:
+        return max((f.end for f in self.existing_fields()), default=0)
+
+    def config_value(self, field: ConfigField) -> int | bytes:
+        """The current value of a config field (override)."""
+        return 0
+
+    def config_written(self, field: ConfigField, value: int | bytes) -> None:
+        """The driver wrote a writable field (override)."""
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """Config bytes [offset, offset+size): fields that exist per the
+        offered features, zeros elsewhere.  Readable at any time."""
+        space = bytearray(max(self.config_size, offset + size))
+        for f in self.existing_fields():
+            space[f.offset:f.end] = _to_bytes(self.config_value(f), f.size)
+        return bytes(space[offset:offset + size])
+
+    def write_config(self, offset: int, data: bytes) -> list[str]:
+        """Apply a config write: only driver-writable fields change; bytes
+        over read-only fields are ignored (QEMU 11.1 writes the whole balloon
+        config from a stale copy, design.md semantics 4).  Returns the names
+        of the fields written."""
+        end = offset + len(data)
+        written = []
+        for f in self.existing_fields():
+            if not f.writable or f.end <= offset or f.offset >= end:
+                continue
+            current = bytearray(_to_bytes(self.config_value(f), f.size))
+            lo, hi = max(f.offset, offset), min(f.end, end)
+            current[lo - f.offset:hi - f.offset] = data[lo - offset:hi - offset]
+            value: int | bytes = int.from_bytes(current, "little") if f.size <= 8 else bytes(current)
+            self.config_written(f, value)
+            written.append(f.name)
+        return written
+
+    def config_changed(self) -> None:
+        """Tell the front-end (and so the guest) that the config changed."""
+        if self.context is not None:
+            self.context.announce_config_change()
+
+    # ----------------------------------------------------------- hooks
+
+    def attach(self, context: DeviceContext) -> None:
+        """A front-end connected."""
+        self.context = context
+
+    def detach(self) -> None:
+        self.context = None
+
+    def reset(self) -> None:
+        """The driver reset the device (SET_STATUS 0 / RESET_DEVICE)."""
+
+    def features_negotiated(self, features: int) -> None:
+        """Feature negotiation completed with ``features``."""
+
+    def on_kick(self, queue: QueueHandle) -> None:
+        """Process the available buffers of ``queue`` (synchronous: it runs
+        to completion, so GET_VRING_BASE always sees a consistent index)."""
+
+    async def run(self, context: DeviceContext) -> None:
+        """Optional background work for the life of a connection (timers)."""
+
+    def status(self) -> dict[str, Any]:
+        """Device-specific status for the control socket."""
+        return {}
+
+    def request(self, name: str, payload: Any) -> Any:
+        """Device-specific vhost-user requests (SEND_RARP, NET_SET_MTU)."""
+        raise NotImplementedError(name)
+
+    def control(self, command: str, args: list[str]) -> Any:
+        """Device-specific control-socket commands."""
+        raise DeviceError(f"{self.name}: unknown command {command!r}")
+
+    # ----------------------------------------------------------- CLI
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Device-specific command-line options (override and call super)."""
+        parser.add_argument("--without", action="append", default=[], metavar="FEATURE",
+                            help="do not offer FEATURE (spec name, with or without its prefix)")
+        parser.add_argument("--queue-policy", choices=POLICIES, default="offered",
+                            help="how queue indexes follow features (default: offered)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Device:
+        return cls(without=args.without, queue_policy=args.queue_policy)
+
+    # qemu-args support: the QEMU device that fronts this one.
+    def qemu_device_args(self, chardev: str, qemu_version: str) -> str:
+        return (f"vhost-user-test-device-pci,chardev={chardev},virtio-id={self.virtio_id},"
+                f"num_vqs={self.max_queues},config_size={self.config_size}")
+
+
+def _to_bytes(value: int | bytes, size: int) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).ljust(size, b"\0")[:size]
+    return (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
