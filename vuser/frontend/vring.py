@@ -1,0 +1,510 @@
+"""Driver side of a split virtqueue (virtio 1.x, section 2.7), in guest memory.
+
+This is what a guest driver does with a ring, following Linux's
+drivers/virtio/virtio_ring.c: chains are built from a LIFO free list of
+descriptors (so a long-running queue hands the device non-contiguous,
+reused chains), the avail index is published after every add, a kick is
+sent only when the device asks for one (VIRTIO_F_EVENT_IDX: ``avail_event``
+in the used ring; otherwise VRING_USED_F_NO_NOTIFY), and ``used_event`` is
+kept up to date while callbacks are enabled.
+
+Layout (contiguous, like Linux's ``vring_init``)::
+
+    desc[num]      16 bytes each: addr u64, len u32, flags u16, next u16
+    avail          flags u16, idx u16, ring[num] u16, used_event u16
+    (pad to ``align``)
+    used           flags u16, idx u16, ring[num] {id u32, len u32}, avail_event u16
+
+All fields are little-endian (VERSION_1; legacy x86 guests agree).  Ordering
+between the ring writes and the index store needs no barrier here: CPython
+stores to the shared mapping in program order and x86/arm64 back-ends read
+the index with acquire semantics.
+
+Resource handling: a ``DriverQueue`` owns its kick and call eventfds;
+``close()`` closes them.  Its ring and buffers live in the caller's
+``GuestMemory``.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import trio
+
+from vuser.frontend.memory import GuestMemory
+
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+
+DESC_SIZE = 16
+USED_ELEM_SIZE = 8
+MAX_QUEUE_SIZE = 32768
+# Linux's legacy PCI alignment; modern transports accept smaller ones.
+LEGACY_ALIGN = 4096
+
+
+class UsedRingError(Exception):
+    """The device put something impossible in the used ring."""
+
+
+class QueueFull(Exception):
+    """Not enough free descriptors for the chain."""
+
+
+class QueueTimeout(Exception):
+    """Nothing (or not enough) came back on the used ring in time."""
+
+
+def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
+    """virtio 2.7.10: has the index moved past ``event_idx`` since ``old``?"""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old) & 0xFFFF)
+
+
+def _align_up(value: int, align: int) -> int:
+    return (value + align - 1) & ~(align - 1)
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """Byte offsets of a split ring of ``num`` entries (virtio 2.7, Linux vring_init)."""
+
+    num: int
+    align: int = LEGACY_ALIGN
+
+    desc_offset = 0
+
+    @property
+    def desc_size(self) -> int:
+        return DESC_SIZE * self.num
+
+    @property
+    def avail_offset(self) -> int:
+        return self.desc_size
+
+    @property
+    def avail_size(self) -> int:
+        return 6 + 2 * self.num  # flags, idx, ring[num], used_event
+
+    @property
+    def used_offset(self) -> int:
+        return _align_up(self.avail_offset + self.avail_size, self.align)
+
+    @property
+    def used_size(self) -> int:
+        return 6 + USED_ELEM_SIZE * self.num  # flags, idx, ring[num], avail_event
+
+    @property
+    def size(self) -> int:
+        return self.used_offset + self.used_size
+
+    # offsets inside the avail / used structures
+    AVAIL_FLAGS = 0
+    AVAIL_IDX = 2
+    USED_FLAGS = 0
+    USED_IDX = 2
+
+    @staticmethod
+    def avail_entry(i: int) -> int:
+        return 4 + 2 * i
+
+    @property
+    def used_event(self) -> int:
+        return 4 + 2 * self.num
+
+    @staticmethod
+    def used_entry(i: int) -> int:
+        return 4 + USED_ELEM_SIZE * i
+
+    @property
+    def avail_event(self) -> int:
+        return 4 + USED_ELEM_SIZE * self.num
+
+
+@dataclass
+class Segment:
+    """One buffer of a chain: guest-physical address, length, device-writable?"""
+
+    gpa: int
+    length: int
+    writable: bool
+
+
+@dataclass
+class _Chain:
+    head: int
+    descs: list[int]
+    segments: list[Segment]
+    indirect_table: int | None
+    owned: bool
+    token: Any
+
+
+@dataclass(frozen=True)
+class UsedElem:
+    """A completed chain: its head, the length the device reported, the bytes
+    it wrote (device-writable buffers, truncated to ``length``) and the
+    token given when the chain was added."""
+
+    head: int
+    length: int
+    data: bytes
+    token: Any = None
+
+
+@dataclass
+class QueueStats:
+    added: int = 0
+    completed: int = 0
+    kicks: int = 0
+    kicks_suppressed: int = 0
+    calls: int = 0
+
+
+class DriverQueue:
+    """The driver's half of one split virtqueue; see the module docstring.
+
+    ``event_idx`` and ``indirect`` say whether the driver uses those
+    features (normally: whether they were negotiated; the harness allows
+    turning them on regardless, as QEMU 7.2's vhost-user-rng does).
+    """
+
+    def __init__(self, memory: GuestMemory, index: int, num: int, *, align: int = LEGACY_ALIGN,
+                 region: int | None = None, event_idx: bool = False, indirect: bool = False,
+                 callbacks: bool = True, check_size: bool = True) -> None:
+        if check_size and not (1 <= num <= MAX_QUEUE_SIZE and num & (num - 1) == 0):
+            raise ValueError(f"queue size {num} is not a power of 2 in 1..{MAX_QUEUE_SIZE}")
+        self.memory = memory
+        self.index = index
+        self.num = num
+        self.layout = SplitLayout(num, align)
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.base = memory.alloc(self.layout.size, max(align, DESC_SIZE),
+                                 region=memory.largest_region() if region is None else region)
+        memory.fill(self.base, self.layout.size)
+        self.desc_gpa = self.base + self.layout.desc_offset
+        self.avail_gpa = self.base + self.layout.avail_offset
+        self.used_gpa = self.base + self.layout.used_offset
+        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.avail_idx = 0        # shadow of avail->idx
+        self.last_used_idx = 0    # next used entry to read
+        self.num_added = 0        # added since the last kick decision
+        self.avail_flags = 0 if callbacks else VRING_AVAIL_F_NO_INTERRUPT
+        self._free: collections.deque[int] = collections.deque(range(num))
+        self._in_flight: dict[int, _Chain] = {}
+        self.stats = QueueStats()
+        if not callbacks and not event_idx:
+            self._write_avail_flags()
+
+    # ---------------------------------------------------------- addresses
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def addresses(self) -> tuple[int, int, int]:
+        """(desc, avail, used) guest-physical addresses."""
+        return self.desc_gpa, self.avail_gpa, self.used_gpa
+
+    def user_addresses(self) -> tuple[int, int, int]:
+        """(desc, avail, used) front-end virtual addresses, for SET_VRING_ADDR."""
+        m = self.memory
+        return m.gpa_to_uva(self.desc_gpa), m.gpa_to_uva(self.avail_gpa), m.gpa_to_uva(self.used_gpa)
+
+    # ---------------------------------------------------------- raw ring access
+
+    def write_desc(self, i: int, addr: int, length: int, flags: int, next_: int = 0) -> None:
+        self.memory.pack("<QIHH", self.desc_gpa + DESC_SIZE * (i % self.num), addr, length, flags, next_)
+
+    def read_desc(self, i: int) -> tuple[int, int, int, int]:
+        addr, length, flags, nxt = self.memory.unpack("<QIHH", self.desc_gpa + DESC_SIZE * i)
+        return addr, length, flags, nxt
+
+    def push_avail(self, head: int, *, publish: bool = True) -> None:
+        """Put ``head`` in the next avail slot (raw: no bookkeeping of the chain)."""
+        slot = self.avail_idx % self.num
+        self.memory.pack("<H", self.avail_gpa + self.layout.avail_entry(slot), head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.num_added += 1
+        if publish:
+            self.publish()
+
+    def publish(self) -> None:
+        """Store the shadow avail index into avail->idx."""
+        self.memory.pack("<H", self.avail_gpa + SplitLayout.AVAIL_IDX, self.avail_idx)
+
+    def set_avail_idx(self, value: int) -> None:
+        """Write any avail->idx (hostile tests: jumps larger than the ring)."""
+        self.avail_idx = value & 0xFFFF
+        self.publish()
+
+    def read_used_idx(self) -> int:
+        return int(self.memory.unpack("<H", self.used_gpa + SplitLayout.USED_IDX)[0])
+
+    def read_used_flags(self) -> int:
+        return int(self.memory.unpack("<H", self.used_gpa + SplitLayout.USED_FLAGS)[0])
+
+    def read_avail_event(self) -> int:
+        return int(self.memory.unpack("<H", self.used_gpa + self.layout.avail_event)[0])
+
+    def read_used_event(self) -> int:
+        return int(self.memory.unpack("<H", self.avail_gpa + self.layout.used_event)[0])
+
+    def _write_used_event(self, value: int) -> None:
+        self.memory.pack("<H", self.avail_gpa + self.layout.used_event, value & 0xFFFF)
+
+    def _write_avail_flags(self) -> None:
+        self.memory.pack("<H", self.avail_gpa + SplitLayout.AVAIL_FLAGS, self.avail_flags)
+
+    # ---------------------------------------------------------- adding buffers
+
+    def add_outbuf(self, data: bytes, *, token: Any = None) -> int:
+        return self.add_chain(out=[data], token=token)
+
+    def add_inbuf(self, size: int, *, token: Any = None) -> int:
+        return self.add_chain(in_=[size], token=token)
+
+    def add_chain(self, out: Sequence[bytes] = (), in_: Sequence[int] = (), *,
+                  indirect: bool | None = None, token: Any = None, publish: bool = True,
+                  poison: int = 0) -> int:
+        """Allocate buffers in guest memory and add them as one chain:
+        device-readable ``out`` buffers first, then device-writable buffers
+        of the sizes in ``in_`` (filled with ``poison``).  ``indirect``
+        None follows Linux: an indirect table when the queue uses indirect
+        descriptors and the chain has more than one buffer.  Returns the head."""
+        total = len(out) + len(in_)
+        if total == 0:
+            raise ValueError("a chain needs at least one buffer")
+        use_indirect = (self.indirect and total > 1) if indirect is None else indirect
+        if not use_indirect and total > len(self._free):
+            raise QueueFull(f"queue {self.index}: {total} descriptors needed, {len(self._free)} free")
+        segments: list[Segment] = []
+        try:
+            for data in out:
+                gpa = self.memory.alloc(len(data), 8)
+                self.memory.write(gpa, data)
+                segments.append(Segment(gpa, len(data), False))
+            for size in in_:
+                gpa = self.memory.alloc(size, 8)
+                self.memory.fill(gpa, size, poison)
+                segments.append(Segment(gpa, size, True))
+        except BaseException:
+            for seg in segments:
+                self.memory.free(seg.gpa)
+            raise
+        return self._add(segments, use_indirect, token, publish, owned=True)
+
+    def add_segments(self, segments: Sequence[Segment | tuple[int, int, bool]], *,
+                     indirect: bool = False, token: Any = None, publish: bool = True) -> int:
+        """Add a chain over caller-chosen guest addresses (no allocation, no
+        checks: addresses outside memory, zero lengths, read-after-write
+        order are all allowed for hostile tests)."""
+        segs = [s if isinstance(s, Segment) else Segment(*s) for s in segments]
+        if not segs:
+            raise ValueError("a chain needs at least one buffer")
+        return self._add(segs, indirect, token, publish, owned=False)
+
+    def _add(self, segments: list[Segment], indirect: bool, token: Any, publish: bool,
+             owned: bool) -> int:
+        table: int | None = None
+        if indirect:
+            if not self._free:
+                raise QueueFull(f"queue {self.index}: no free descriptor for an indirect table")
+            table = self.memory.alloc(DESC_SIZE * len(segments), DESC_SIZE)
+            for i, seg in enumerate(segments):
+                last = i == len(segments) - 1
+                flags = (VRING_DESC_F_WRITE if seg.writable else 0) | (0 if last else VRING_DESC_F_NEXT)
+                self.memory.pack("<QIHH", table + DESC_SIZE * i, seg.gpa, seg.length, flags,
+                                 0 if last else i + 1)
+            head = self._free.popleft()
+            self.write_desc(head, table, DESC_SIZE * len(segments), VRING_DESC_F_INDIRECT)
+            descs = [head]
+        else:
+            if len(segments) > len(self._free):
+                raise QueueFull(f"queue {self.index}: {len(segments)} descriptors needed, "
+                                f"{len(self._free)} free")
+            descs = [self._free.popleft() for _ in segments]
+            for i, seg in enumerate(segments):
+                last = i == len(segments) - 1
+                flags = (VRING_DESC_F_WRITE if seg.writable else 0) | (0 if last else VRING_DESC_F_NEXT)
+                self.write_desc(descs[i], seg.gpa, seg.length, flags, 0 if last else descs[i + 1])
+            head = descs[0]
+        self._in_flight[head] = _Chain(head, descs, segments, table, owned, token)
+        self.stats.added += 1
+        self.push_avail(head, publish=publish)
+        return head
+
+    # ---------------------------------------------------------- notifications
+
+    def kick_prepare(self) -> bool:
+        """Linux virtqueue_kick_prepare_split: does the device want a kick?"""
+        new = self.avail_idx
+        old = (new - self.num_added) & 0xFFFF
+        self.num_added = 0
+        if self.event_idx:
+            return vring_need_event(self.read_avail_event(), new, old)
+        return not self.read_used_flags() & VRING_USED_F_NO_NOTIFY
+
+    def notify(self) -> None:
+        """Signal the kick eventfd unconditionally."""
+        os.eventfd_write(self.kick_fd, 1)
+        self.stats.kicks += 1
+
+    def kick(self, *, force: bool = False) -> bool:
+        """Kick if the device asked for it (or ``force``); returns whether it did."""
+        if self.kick_prepare() or force:
+            self.notify()
+            return True
+        self.stats.kicks_suppressed += 1
+        return False
+
+    def disable_callbacks(self) -> None:
+        """Linux virtqueue_disable_cb_split."""
+        if not self.avail_flags & VRING_AVAIL_F_NO_INTERRUPT:
+            self.avail_flags |= VRING_AVAIL_F_NO_INTERRUPT
+            if self.event_idx:
+                # Linux writes 0 here too ("a hack"): far from last_used in
+                # most states, so the device rarely signals.
+                self._write_used_event(0)
+            else:
+                self._write_avail_flags()
+
+    def enable_callbacks(self) -> bool:
+        """Linux virtqueue_enable_cb: re-enable and return True when nothing
+        is pending (False: used entries arrived meanwhile, poll again)."""
+        if self.avail_flags & VRING_AVAIL_F_NO_INTERRUPT:
+            self.avail_flags &= ~VRING_AVAIL_F_NO_INTERRUPT
+            if not self.event_idx:
+                self._write_avail_flags()
+        self._write_used_event(self.last_used_idx)
+        return self.read_used_idx() == self.last_used_idx
+
+    def drain_calls(self) -> int:
+        """Read (and reset) the call eventfd counter; returns the signal count."""
+        try:
+            n = os.eventfd_read(self.call_fd)
+        except BlockingIOError:
+            return 0
+        self.stats.calls += n
+        return n
+
+    async def wait_call(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for the device to signal the call
+        eventfd; returns how many signals were counted (0 on timeout)."""
+        n = self.drain_calls()
+        if n:
+            return n
+        with trio.move_on_after(timeout):
+            await trio.lowlevel.wait_readable(self.call_fd)
+        return self.drain_calls()
+
+    # ---------------------------------------------------------- completions
+
+    def get_used(self) -> list[UsedElem]:
+        """Collect every new used element (Linux virtqueue_get_buf), freeing
+        descriptors and harness-allocated buffers.  Raises UsedRingError on
+        an impossible used ring (ids not in flight, lengths too long, an
+        index that moved by more than the queue size)."""
+        used_idx = self.read_used_idx()
+        pending = (used_idx - self.last_used_idx) & 0xFFFF
+        if pending > self.num:
+            raise UsedRingError(f"queue {self.index}: used idx moved from {self.last_used_idx} "
+                                f"to {used_idx}, more than the queue size {self.num}")
+        out: list[UsedElem] = []
+        for _ in range(pending):
+            slot = self.last_used_idx % self.num
+            head, length = self.memory.unpack("<II", self.used_gpa + self.layout.used_entry(slot))
+            chain = self._in_flight.pop(head, None) if head < self.num else None
+            if chain is None:
+                raise UsedRingError(f"queue {self.index}: used id {head} at used idx "
+                                    f"{self.last_used_idx} is not the head of a chain in flight")
+            writable = sum(s.length for s in chain.segments if s.writable)
+            if length > writable:
+                self._in_flight[head] = chain
+                raise UsedRingError(f"queue {self.index}: used len {length} for head {head} exceeds "
+                                    f"its {writable} device-writable bytes")
+            out.append(UsedElem(head, length, self._read_written(chain, length), chain.token))
+            self._detach(chain)
+            self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
+        if out and not self.avail_flags & VRING_AVAIL_F_NO_INTERRUPT and self.event_idx:
+            self._write_used_event(self.last_used_idx)
+        self.stats.completed += len(out)
+        return out
+
+    def _read_written(self, chain: _Chain, length: int) -> bytes:
+        parts = []
+        left = length
+        for seg in chain.segments:
+            if not seg.writable or left <= 0:
+                continue
+            take = min(left, seg.length)
+            parts.append(self.memory.read(seg.gpa, take))
+            left -= take
+        return b"".join(parts)
+
+    def _detach(self, chain: _Chain) -> None:
+        # Linux detach_buf_split puts the freed chain at the head of the
+        # free list, so the next chain reuses these descriptors first.
+        self._free.extendleft(reversed(chain.descs))
+        if chain.indirect_table is not None:
+            self.memory.free(chain.indirect_table)
+        if chain.owned:
+            for seg in chain.segments:
+                self.memory.free(seg.gpa)
+
+    async def wait_used(self, count: int = 1, timeout: float = 5.0,
+                        poll_interval: float = 0.05) -> list[UsedElem]:
+        """Wait until at least ``count`` chains completed; returns all the
+        completions collected.  Waits on the call eventfd but also polls
+        every ``poll_interval`` s, since a device may rightly skip a call
+        (NO_INTERRUPT, EVENT_IDX) — ``stats.calls`` tells whether it called."""
+        got: list[UsedElem] = []
+        try:
+            with trio.fail_after(timeout):
+                while True:
+                    self.drain_calls()
+                    got.extend(self.get_used())
+                    if len(got) >= count:
+                        return got
+                    await self.wait_call(poll_interval)
+        except trio.TooSlowError:
+            raise QueueTimeout(f"queue {self.index}: {len(got)} of {count} used elements after "
+                               f"{timeout}s (avail idx {self.avail_idx}, used idx "
+                               f"{self.read_used_idx()})") from None
+
+    # ---------------------------------------------------------- teardown
+
+    def close(self) -> None:
+        for name in ("kick_fd", "call_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError as exc:  # pragma: no cover
+                    if exc.errno != errno.EBADF:
+                        raise
+                setattr(self, name, -1)
+
+
+__all__ = [
+    "DESC_SIZE", "DriverQueue", "QueueFull", "QueueStats", "QueueTimeout", "Segment",
+    "SplitLayout", "UsedElem", "UsedRingError", "VRING_AVAIL_F_NO_INTERRUPT",
+    "VRING_DESC_F_INDIRECT", "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE",
+    "VRING_USED_F_NO_NOTIFY", "vring_need_event",
+]
