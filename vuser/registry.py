@@ -17,6 +17,7 @@ GROUP = "vuser.devices"
 _BUILTIN = {
     "rng": "vuser.devices.rng:RngDevice",
     "balloon": "vuser.devices.balloon:BalloonDevice",
+    "net": "vuser.devices.net:NetDevice",
 }
 
 

@@ -1,0 +1,339 @@
+"""virtio-balloon (virtio spec 5.5) over vhost-user.
+
+Queues: inflateq and deflateq always; statsq, free_page_vq and reporting_vq
+exist when STATS_VQ, FREE_PAGE_HINT and REPORTING are *offered* and are
+numbered compactly in feature order (seed 000; the framework's default
+policy; ``--queue-policy negotiated|fixed`` for experiments).
+
+Memory effect: inflated pages and reported free ranges are given back to
+the host by MADV_REMOVE on the shared mapping (it punches a hole in the
+memfd, so QEMU's shared RSS drops too); a deflated page comes back zeroed on
+the guest's next touch.  With PAGE_POISON negotiated and a non-zero
+poison_val, reported ranges are *not* discarded: the driver relies on their
+content being the poison pattern and a discarded page would come back zero
+(virtio spec 5.5.6.2; QEMU skips them the same way).
+
+Config: num_pages (the target, device-written), actual (driver-written),
+free_page_hint_cmd_id, poison_val (driver-written).  Only actual and
+poison_val are taken from config writes: QEMU 11.1's generic device writes
+the whole config back from a stale copy (design.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import struct
+import time
+from typing import Any
+
+import trio
+
+from vuser.connection import DeviceContext, QueueHandle
+from vuser.device import ConfigField, Device, DeviceError, Feature
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID_BALLOON = 5
+PAGE_SHIFT = 12  # VIRTIO_BALLOON_PFN_SHIFT: the balloon always speaks 4 KiB pages
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+CMD_ID_STOP = 0
+CMD_ID_DONE = 1
+
+STAT_NAMES = {
+    0: "swap-in", 1: "swap-out", 2: "major-faults", 3: "minor-faults", 4: "free-memory",
+    5: "total-memory", 6: "available-memory", 7: "disk-caches", 8: "hugetlb-allocations",
+    9: "hugetlb-failures", 10: "oom-kills", 11: "alloc-stalls", 12: "async-scans",
+    13: "direct-scans", 14: "async-reclaims", 15: "direct-reclaims",
+}
+_STAT = struct.Struct("<HQ")  # struct virtio_balloon_stat is packed: le16 tag, le64 val
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '4096' (bytes) or '100p' / '100pages' (4 KiB pages) -> pages."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgtp]?)(i?b?|ages?)?\s*", text.lower())
+    if not m:
+        raise DeviceError(f"cannot parse size {text!r} (e.g. 64M, 1G, 4096, 100p)")
+    number, unit = int(m.group(1)), m.group(2)
+    if unit == "p":
+        return number
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
+    return (number * scale) // PAGE_SIZE
+
+
+def _ranges(pfns: list[int]) -> list[tuple[int, int]]:
+    """Coalesce page numbers into (first, count) runs: one madvise a run."""
+    out: list[tuple[int, int]] = []
+    for pfn in sorted(set(pfns)):
+        if out and out[-1][0] + out[-1][1] == pfn:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((pfn, 1))
+    return out
+
+
+class BalloonDevice(Device):
+    name = "balloon"
+    virtio_id = VIRTIO_ID_BALLOON
+    description = "memory balloon with stats, free page hinting and page reporting (virtio-balloon)"
+    base_queues = ("inflateq", "deflateq")
+    features = (
+        Feature(0, "VIRTIO_BALLOON_F_MUST_TELL_HOST"),
+        Feature(1, "VIRTIO_BALLOON_F_STATS_VQ", ("statsq",)),
+        Feature(2, "VIRTIO_BALLOON_F_DEFLATE_ON_OOM"),
+        Feature(3, "VIRTIO_BALLOON_F_FREE_PAGE_HINT", ("free_page_vq",)),
+        Feature(4, "VIRTIO_BALLOON_F_PAGE_POISON"),
+        Feature(5, "VIRTIO_BALLOON_F_REPORTING", ("reporting_vq",)),
+    )
+    config_fields = (
+        ConfigField("num_pages", 0, 4),
+        ConfigField("actual", 4, 4, writable=True),
+        ConfigField("free_page_hint_cmd_id", 8, 4, feature="FREE_PAGE_HINT"),
+        ConfigField("poison_val", 12, 4, feature="PAGE_POISON", writable=True),
+    )
+
+    def __init__(self, *, target_pages: int = 0, stats_interval: float = 2.0, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.num_pages = target_pages
+        self.actual = 0
+        self.poison_val = 0
+        self.cmd_id = CMD_ID_STOP
+        self._next_cmd_id = 2
+        self.stats_interval = stats_interval
+        self.negotiated = 0
+        self.inflated: set[int] = set()
+        self.bytes_released = 0
+        self.bytes_reported = 0
+        self.reported_skipped_poison = 0
+        self.inflate_buffers = self.deflate_buffers = 0
+        self.pages_inflated_total = self.pages_deflated_total = 0
+        self.hinted_ranges = 0
+        self.hinted_bytes = 0
+        self.hint_active_id: int | None = None
+        self.stats: dict[str, int] = {}
+        self.stats_time: float | None = None
+        self.stats_updates = 0
+        self._stats_head: int | None = None
+        self._stats_event = trio.Event()
+
+    # ------------------------------------------------------------ config
+
+    def config_value(self, field: ConfigField) -> int:
+        return {"num_pages": self.num_pages, "actual": self.actual,
+                "free_page_hint_cmd_id": self.cmd_id, "poison_val": self.poison_val}[field.name]
+
+    def config_written(self, field: ConfigField, value: int | bytes) -> None:
+        assert isinstance(value, int)
+        if field.name == "actual":
+            self.actual = value
+        elif field.name == "poison_val":
+            self.poison_val = value
+
+    def features_negotiated(self, features: int) -> None:
+        self.negotiated = features
+
+    def reset(self) -> None:
+        self.negotiated = 0
+        self._stats_head = None
+
+    def attach(self, context: DeviceContext) -> None:
+        super().attach(context)
+        # A new front-end means a new guest (or a rebooted one): every page
+        # it has is its own again.
+        self.inflated.clear()
+        self.actual = 0
+
+    # ------------------------------------------------------------ queues
+
+    def on_kick(self, queue: QueueHandle) -> None:
+        role = queue.role
+        if role == "inflateq":
+            self._inflate(queue)
+        elif role == "deflateq":
+            self._deflate(queue)
+        elif role == "statsq":
+            self._stats(queue)
+        elif role == "free_page_vq":
+            self._free_page_hint(queue)
+        elif role == "reporting_vq":
+            self._report(queue)
+        else:  # a queue the active layout does not name: return buffers untouched
+            queue.push([(c.head, 0) for c in queue.pop()])
+
+    @staticmethod
+    def _pfns(chain: Any) -> list[int]:
+        data = b"".join(bytes(v) for v in chain.readable)
+        n = len(data) // 4
+        return list(struct.unpack_from(f"<{n}I", data)) if n else []
+
+    def _discard_pages(self, pfns: list[int]) -> int:
+        assert self.context is not None
+        released = 0
+        for first, count in _ranges(pfns):
+            try:
+                released += self.context.memory.discard(first << PAGE_SHIFT, count << PAGE_SHIFT)
+            except Exception as exc:  # a PFN outside guest RAM: the guest's error
+                log.warning("balloon: cannot release pfn %#x+%d: %s", first, count, exc)
+        return released
+
+    def _inflate(self, queue: QueueHandle) -> None:
+        used = []
+        for chain in queue.pop():
+            pfns = self._pfns(chain)
+            self.bytes_released += self._discard_pages(pfns)
+            self.inflated.update(pfns)
+            self.pages_inflated_total += len(pfns)
+            self.inflate_buffers += 1
+            used.append((chain.head, 0))
+        queue.push(used)
+
+    def _deflate(self, queue: QueueHandle) -> None:
+        # MUST_TELL_HOST: the driver waits for this buffer before it reuses
+        # the pages; the pages need nothing from us (they come back zeroed
+        # on touch), so completing the buffer is the whole "telling".
+        used = []
+        for chain in queue.pop():
+            pfns = self._pfns(chain)
+            self.inflated.difference_update(pfns)
+            self.pages_deflated_total += len(pfns)
+            self.deflate_buffers += 1
+            used.append((chain.head, 0))
+        queue.push(used)
+
+    def _stats(self, queue: QueueHandle) -> None:
+        chains = queue.pop()
+        for chain in chains:
+            data = b"".join(bytes(v) for v in chain.readable)
+            for off in range(0, len(data) - _STAT.size + 1, _STAT.size):
+                tag, val = _STAT.unpack_from(data, off)
+                self.stats[STAT_NAMES.get(tag, f"tag-{tag}")] = val
+            self.stats_time = time.time()
+            self.stats_updates += 1
+            if self._stats_head is not None:  # the driver only ever has one out
+                queue.push([(self._stats_head, 0)])
+            self._stats_head = chain.head
+        if chains:
+            self._stats_event.set()
+            self._stats_event = trio.Event()
+
+    def _free_page_hint(self, queue: QueueHandle) -> None:
+        used = []
+        for chain in queue.pop():
+            if chain.readable:  # a command id: start (the active id) or STOP
+                data = b"".join(bytes(v) for v in chain.readable)
+                if len(data) >= 4:
+                    cmd = int.from_bytes(data[:4], "little")
+                    self.hint_active_id = None if cmd == CMD_ID_STOP else cmd
+                    log.info("balloon: free page hinting %s (cmd id %d)",
+                             "stopped" if cmd == CMD_ID_STOP else "started", cmd)
+            for view in chain.writable:  # a free range the guest will not touch until DONE
+                self.hinted_ranges += 1
+                self.hinted_bytes += len(view)
+            used.append((chain.head, 0))
+        queue.push(used)
+
+    def _poison_active(self) -> bool:
+        return self.has("PAGE_POISON", self.negotiated) and self.poison_val != 0
+
+    def _report(self, queue: QueueHandle) -> None:
+        assert self.context is not None
+        used = []
+        poison = self._poison_active()
+        for chain in queue.pop():
+            size = sum(len(v) for v in chain.writable)
+            self.bytes_reported += size
+            if poison:
+                self.reported_skipped_poison += size
+            else:
+                self.bytes_released += self.context.memory.discard_views(chain.writable)
+            used.append((chain.head, 0))
+        queue.push(used)
+
+    # ------------------------------------------------------------ stats timer
+
+    async def run(self, context: DeviceContext) -> None:
+        """Poll the stats queue: hand the buffer back each interval and let
+        the driver refill it (virtio spec 5.5.6.3)."""
+        if self.stats_interval <= 0:
+            return
+        while True:
+            await trio.sleep(self.stats_interval)
+            self.request_stats()
+
+    def request_stats(self) -> bool:
+        if self.context is None or self._stats_head is None:
+            return False
+        q = self.context.queue("statsq")
+        if q is None:
+            return False
+        head, self._stats_head = self._stats_head, None
+        q.push([(head, 0)])
+        return True
+
+    # ------------------------------------------------------------ control
+
+    def set_target(self, pages: int) -> None:
+        self.num_pages = pages
+        log.info("balloon: target %d pages (%d MiB)", pages, (pages * PAGE_SIZE) >> 20)
+        self.config_changed()
+
+    def hint(self, action: str) -> int:
+        if action == "start":
+            self.cmd_id = self._next_cmd_id
+            self._next_cmd_id = self._next_cmd_id + 1 if self._next_cmd_id < 0xFFFFFFFF else 2
+        elif action == "stop":
+            # DONE both stops the driver and lets it free the hinted pages.
+            self.cmd_id = CMD_ID_DONE
+        else:
+            raise DeviceError("hint takes start or stop")
+        self.config_changed()
+        return self.cmd_id
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "target_pages": self.num_pages,
+            "target_bytes": self.num_pages * PAGE_SIZE,
+            "actual_pages": self.actual,
+            "actual_bytes": self.actual * PAGE_SIZE,
+            "inflated_pages": len(self.inflated),
+            "bytes_released": self.bytes_released,
+            "bytes_reported": self.bytes_reported,
+            "reported_kept_for_poison": self.reported_skipped_poison,
+            "poison_val": self.poison_val,
+            "inflate_buffers": self.inflate_buffers,
+            "deflate_buffers": self.deflate_buffers,
+            "free_page_hint": {"cmd_id": self.cmd_id, "active_id": self.hint_active_id,
+                               "ranges": self.hinted_ranges, "bytes": self.hinted_bytes},
+            "stats": {"values": dict(self.stats), "time": self.stats_time, "updates": self.stats_updates,
+                      "interval": self.stats_interval},
+        }
+
+    def control(self, command: str, args: list[str]) -> Any:
+        if command == "set-target":
+            if len(args) != 1:
+                raise DeviceError("set-target takes one size (e.g. 64M, 4096, 100p)")
+            self.set_target(parse_size(args[0]))
+            return self.status()
+        if command == "stats":
+            return self.status()["stats"]
+        if command == "hint":
+            if len(args) != 1:
+                raise DeviceError("hint takes start or stop")
+            return {"cmd_id": self.hint(args[0])}
+        raise DeviceError(f"balloon: unknown command {command!r} (set-target, stats, hint, status)")
+
+    # ------------------------------------------------------------ CLI
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--target", default="0", help="initial balloon size (e.g. 64M, pages with p)")
+        parser.add_argument("--stats-interval", type=float, default=2.0,
+                            help="seconds between stats requests (0: never)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Device:
+        return cls(without=args.without, queue_policy=args.queue_policy,
+                   target_pages=parse_size(args.target), stats_interval=args.stats_interval)

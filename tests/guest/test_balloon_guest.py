@@ -1,0 +1,198 @@
+"""virtio-balloon served by vuser to real Linux guests through QEMU 11's
+generic vhost-user-test-device-pci (virtio-id 5).
+
+Memory figures are read on both sides: the guest's /proc/meminfo and the
+QEMU process's RssShmem (the guest RAM is a shared memfd, so pages vuser
+releases with MADV_REMOVE leave QEMU's resident set too)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from vuser.devices.balloon import PAGE_SIZE, BalloonDevice
+from vuser.testing.guest import Guest
+
+from vuser_guest import guest_features, served_guest, virtio_dir
+
+MiB = 1 << 20
+KERNELS = ["bookworm", "sid"]
+
+
+def rss_shmem(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssShmem line")
+
+
+async def meminfo(guest: Guest) -> dict[str, int]:
+    out = (await guest.check("cat /proc/meminfo")).stdout
+    values = {}
+    for line in out.splitlines():
+        key, _, rest = line.partition(":")
+        values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+async def wait_for(predicate, what: str, timeout: float = 60.0) -> float:
+    t0 = time.monotonic()
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.1)
+    return time.monotonic() - t0
+
+
+async def touch(guest: Guest, mib: int) -> None:
+    """Make guest pages resident in the memfd, then free them in the guest."""
+    # /dev/shm is a tmpfs of half the guest's RAM: keep mib below that.
+    await guest.check(f"dd if=/dev/zero of=/dev/shm/fill bs=1M count={mib} 2>/dev/null && rm /dev/shm/fill",
+                      timeout=120)
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize("kernel", KERNELS)
+async def test_inflate_deflate_releases_host_memory(kernel: str, tmp_path) -> None:
+    # Without page reporting, so every byte released is the balloon's own.
+    dev = BalloonDevice(without=["REPORTING"], stats_interval=0)
+    target = 128 * MiB
+    async with served_guest(dev, tmp_path, qemu="11", kernel=kernel, memory_mb=512) as (guest, runner):
+        await touch(guest, 200)
+        before_guest = await meminfo(guest)
+        before_rss = rss_shmem(guest.pid)
+
+        dev.set_target(target // PAGE_SIZE)
+        took = await wait_for(lambda: dev.actual * PAGE_SIZE >= target, "inflate")
+        after_guest = await meminfo(guest)
+        after_rss = rss_shmem(guest.pid)
+        released = before_rss - after_rss
+        print(f"kernel {kernel}: inflated {target >> 20} MiB in {took:.2f}s; QEMU RssShmem "
+              f"{before_rss >> 20} -> {after_rss >> 20} MiB (released {released >> 20} MiB); guest MemFree "
+              f"{before_guest['MemFree'] >> 20} -> {after_guest['MemFree'] >> 20} MiB")
+        assert dev.actual * PAGE_SIZE == target
+        assert dev.status()["bytes_released"] >= target
+        # The host really got the memory back: at least 90% of the balloon.
+        assert released >= 0.9 * target, (before_rss, after_rss)
+        # The guest sees the memory gone.
+        assert before_guest["MemFree"] - after_guest["MemFree"] >= 0.9 * target
+        # The queue layout the Linux driver used: inflate buffers on 0.
+        queues = {q["index"]: q for q in runner.connection.status()["queues"]}
+        assert queues[0]["role"] == "inflateq" and queues[0]["buffers"] > 0
+
+        dev.set_target(0)
+        took = await wait_for(lambda: dev.actual == 0, "deflate")
+        final_guest = await meminfo(guest)
+        print(f"kernel {kernel}: deflated in {took:.2f}s; guest MemFree {final_guest['MemFree'] >> 20} MiB")
+        # Freed pages may wait in per-CPU lists (not counted in MemFree,
+        # newer kernels keep tens of MiB there): half must show at once.
+        assert final_guest["MemFree"] - after_guest["MemFree"] >= 0.5 * target
+        assert dev.deflate_buffers > 0 and not dev.inflated
+        # Deflated pages come back on touch: the guest can use them again.
+        await touch(guest, 200)
+
+
+@pytest.mark.guest
+async def test_stats_arrive_with_plausible_values(tmp_path) -> None:
+    dev = BalloonDevice(stats_interval=0.5)
+    async with served_guest(dev, tmp_path, qemu="11", kernel="bookworm", memory_mb=512) as (guest, runner):
+        await wait_for(lambda: dev.stats_updates >= 3, "three stats updates", timeout=30)
+        info = await meminfo(guest)
+        stats = dev.status()["stats"]["values"]
+        assert abs(stats["total-memory"] - info["MemTotal"]) <= 4 * MiB, (stats, info["MemTotal"])
+        assert 0 < stats["free-memory"] <= stats["total-memory"]
+        assert 0 < stats["available-memory"] <= stats["total-memory"]
+        assert dev.stats_time is not None and time.time() - dev.stats_time < 10
+        queues = {q["index"]: q for q in runner.connection.status()["queues"]}
+        assert queues[2]["role"] == "statsq" and queues[2]["buffers"] >= 3
+
+
+@pytest.mark.guest
+async def test_deflate_on_oom(tmp_path) -> None:
+    """The guest under memory pressure takes pages back from the balloon."""
+    dev = BalloonDevice(stats_interval=0)
+    async with served_guest(dev, tmp_path, qemu="11", kernel="bookworm", memory_mb=512) as (guest, runner):
+        info = await meminfo(guest)
+        # Leave the guest about 120 MiB, then ask it for 200 MiB of tmpfs.
+        balloon = info["MemTotal"] - 120 * MiB
+        dev.set_target(balloon // PAGE_SIZE)
+        await wait_for(lambda: dev.actual >= balloon // PAGE_SIZE, "inflate", timeout=90)
+        r = await guest.run("dd if=/dev/zero of=/dev/shm/big bs=1M count=200 2>&1; echo rc=$?", timeout=120)
+        print(r.stdout)
+        assert "rc=0" in r.stdout, r.stdout
+        assert dev.pages_deflated_total > 0, dev.status()
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize("kernel", KERNELS)
+async def test_page_reporting_releases_freed_memory(kernel: str, tmp_path) -> None:
+    dev = BalloonDevice(stats_interval=0)
+    async with served_guest(dev, tmp_path, qemu="11", kernel=kernel, memory_mb=512) as (guest, runner):
+        await guest.check("dd if=/dev/zero of=/dev/shm/big bs=1M count=200 2>/dev/null", timeout=120)
+        resident = rss_shmem(guest.pid)
+        await guest.check("rm /dev/shm/big")
+        # Linux reports free 2 MiB+ blocks about two seconds after they are freed.
+        await wait_for(lambda: dev.bytes_reported >= 100 * MiB, "page reporting", timeout=60)
+        await trio.sleep(1)
+        after = rss_shmem(guest.pid)
+        print(f"kernel {kernel}: reported {dev.bytes_reported >> 20} MiB; QEMU RssShmem "
+              f"{resident >> 20} -> {after >> 20} MiB")
+        assert resident - after >= 100 * MiB
+        queues = {q["index"]: q for q in runner.connection.status()["queues"]}
+        assert queues[4]["role"] == "reporting_vq" and queues[4]["buffers"] > 0
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize("without,expected", [
+    (["STATS_VQ"], {2: "free_page_vq", 3: "reporting_vq"}),
+    (["FREE_PAGE_HINT"], {2: "statsq", 3: "reporting_vq"}),
+    (["STATS_VQ", "FREE_PAGE_HINT"], {2: "reporting_vq"}),
+], ids=["no-stats", "no-hint", "only-reporting"])
+async def test_queue_layout_follows_offered_features(without, expected, tmp_path) -> None:
+    """Offered-feature subsets: the indexes vuser derived are the ones the
+    Linux driver uses (seed 000): each role's buffers arrive where vuser
+    expects them, and nothing arrives anywhere else."""
+    dev = BalloonDevice(without=without, stats_interval=0.5)
+    async with served_guest(dev, tmp_path, qemu="11", kernel="bookworm", memory_mb=512) as (guest, runner):
+        layout = dev.queue_layout(None).roles
+        assert {i: r for i, r in layout.items() if i >= 2} == expected
+        await guest.check("dd if=/dev/zero of=/dev/shm/big bs=1M count=200 2>/dev/null; rm /dev/shm/big",
+                          timeout=120)
+        await wait_for(lambda: dev.bytes_reported > 0, "page reporting", timeout=60)
+        dev.set_target(16 * MiB // PAGE_SIZE)
+        await wait_for(lambda: dev.actual * PAGE_SIZE >= 16 * MiB, "inflate")
+        if "statsq" in expected.values():
+            await wait_for(lambda: dev.stats_updates >= 2, "stats")
+        queues = {q["index"]: q for q in runner.connection.status()["queues"]}
+        for index, role in expected.items():
+            assert queues[index]["role"] == role
+        report_index = next(i for i, r in expected.items() if r == "reporting_vq")
+        assert queues[report_index]["buffers"] > 0
+        assert queues[0]["buffers"] > 0
+        # No buffers on a queue the layout does not have.
+        for index, q in queues.items():
+            if index not in layout:
+                assert q["buffers"] == 0 and not q["running"], q
+        # The guest agrees on the features: the removed ones are not there.
+        vdir = await virtio_dir(guest, 5)
+        seen = guest_features((await guest.check(f"cat {vdir}/features")).stdout)
+        for name in without:
+            assert not dev.has(name, seen)
+
+
+@pytest.mark.guest
+async def test_free_page_hint_cmd_id_readable_and_counted(tmp_path) -> None:
+    """free_page_hint_cmd_id exists because FREE_PAGE_HINT is offered: the
+    guest reads it after a config change and hints free pages."""
+    dev = BalloonDevice(stats_interval=0)
+    async with served_guest(dev, tmp_path, qemu="11", kernel="bookworm", memory_mb=512) as (guest, runner):
+        cmd = dev.hint("start")
+        await wait_for(lambda: dev.hint_active_id == cmd and dev.hinted_bytes > 0, "free page hints", timeout=60)
+        print(f"hinted {dev.hinted_ranges} ranges, {dev.hinted_bytes >> 20} MiB")
+        dev.hint("stop")
+        await wait_for(lambda: dev.hint_active_id is None, "hinting stopped", timeout=60)
+        # After DONE the guest got its hinted pages back: it can fill its RAM.
+        info = await meminfo(guest)
+        assert info["MemFree"] > 200 * MiB
