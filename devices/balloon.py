@@ -293,6 +293,9 @@ class BalloonDevice(Device):
 
     def status(self) -> dict[str, Any]:
         return {
+            # Sizes in bytes under the plain names; pages alongside.
+            "target": self.num_pages * PAGE_SIZE,
+            "actual": self.actual * PAGE_SIZE,
             "target_pages": self.num_pages,
             "target_bytes": self.num_pages * PAGE_SIZE,
             "actual_pages": self.actual,
