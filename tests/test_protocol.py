@@ -219,3 +219,24 @@ def test_features_cannot_change_after_features_ok() -> None:
     roundtrip(s, R.SET_FEATURES, {"u64": DEV_A | (1 << 26)})  # LOG_ALL toggles are fine
     with pytest.raises(P.ProtocolError, match="after FEATURES_OK"):
         send(s, R.SET_FEATURES, {"u64": DEV_A | DEV_B})
+
+
+def test_legacy_driver_features_final_at_driver_ok() -> None:
+    # Seed 003: a legacy driver (VERSION_1 not accepted) has no FEATURES_OK
+    # step; with the STATUS protocol feature its features become final at
+    # DRIVER_OK.
+    s = session()
+    negotiate_protocol(s, ALL_PF)
+    roundtrip(s, R.SET_FEATURES, {"u64": DEV_A | EVENT_IDX})
+    roundtrip(s, R.SET_STATUS, {"u64": P.STATUS_ACKNOWLEDGE | P.STATUS_DRIVER})
+    assert s.negotiated_features is None
+    roundtrip(s, R.SET_STATUS, {"u64": P.STATUS_ACKNOWLEDGE | P.STATUS_DRIVER | P.STATUS_DRIVER_OK})
+    assert s.negotiated_features == DEV_A | EVENT_IDX
+
+
+def test_modern_driver_needs_features_ok_not_driver_ok() -> None:
+    s = session()
+    negotiate_protocol(s, ALL_PF)
+    roundtrip(s, R.SET_FEATURES, {"u64": DEV_A | VERSION_1})
+    roundtrip(s, R.SET_STATUS, {"u64": P.STATUS_ACKNOWLEDGE | P.STATUS_DRIVER | P.STATUS_DRIVER_OK})
+    assert s.negotiated_features is None

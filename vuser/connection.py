@@ -183,6 +183,7 @@ class Connection:
             num_queues=device.max_queues,
             has_config=bool(device.config_fields),
             extra_protocol_features=getattr(device, "protocol_features", 0),
+            queue_num=getattr(device, "vhost_queue_num", None),
         )
         self.memory = GuestMemory()
         self.slots = [QueueSlot(i) for i in range(device.max_queues)]
@@ -367,6 +368,9 @@ class Connection:
                             self.device.feature_names(ev.accepted), reason)
                 return P.Refusal(reason)
             self._announce_features(ev.accepted)
+        elif self.session.negotiated_features is not None:
+            # Legacy drivers' features become final at DRIVER_OK (protocol.py).
+            self._announce_features(self.session.negotiated_features)
         return None
 
     def _announce_features(self, features: int) -> None:

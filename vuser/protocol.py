@@ -47,6 +47,8 @@ STATUS_FEATURES_OK = 8
 STATUS_NEEDS_RESET = 0x40
 STATUS_FAILED = 0x80
 
+VIRTIO_F_VERSION_1 = 32
+
 MAX_MEM_SLOTS = 64
 MAX_VRING_NUM = 32768
 
@@ -245,6 +247,9 @@ class Session:
     has_config: bool = False
     extra_protocol_features: int = 0
     max_mem_slots: int = MAX_MEM_SLOTS
+    # GET_QUEUE_NUM's answer when it is not num_queues: virtio-net counts
+    # queue pairs (QEMU compares it with the netdev's queues=N).
+    queue_num: int | None = None
 
     acked_protocol_features: int = 0
     accepted_features: int | None = None
@@ -420,6 +425,12 @@ class Session:
                 self._reset()
                 return StatusSet(req, nr, 0, False, 0)
             first_ok = bool(value & STATUS_FEATURES_OK) and not self.status & STATUS_FEATURES_OK
+            if (value & STATUS_DRIVER_OK and not value & STATUS_FEATURES_OK
+                    and self.negotiated_features is None and self.accepted_features is not None
+                    and not self.accepted_features & (1 << VIRTIO_F_VERSION_1)):
+                # A legacy driver (VERSION_1 not accepted, seed 003) has no
+                # FEATURES_OK step: its features are final at DRIVER_OK.
+                self.negotiated_features = self.accepted_features
             return StatusSet(req, nr, value, first_ok, self.accepted_features or 0)
         if req == R.SEND_RARP:
             self._require(req, PF.RARP)
@@ -502,7 +513,7 @@ class Session:
         if req == R.GET_PROTOCOL_FEATURES:
             return self.offered_protocol_features
         if req == R.GET_QUEUE_NUM:
-            return self.num_queues
+            return self.num_queues if self.queue_num is None else self.queue_num
         if req == R.GET_MAX_MEM_SLOTS:
             return self.max_mem_slots
         if req == R.GET_STATUS:
