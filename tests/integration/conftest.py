@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - a tree that was never installed
 
 __all__ = [
     "BalloonDevice", "RngDevice", "served", "fd_count", "wait_until", "wait_idle", "sync",
-    "closing_lines", "submit_mixed", "check_rng_data", "probe_and_serve", "resend_table_whole",
+    "closing_lines", "submit_mixed", "check_rng_data", "probe_and_serve",
     "RING_IMPLS", "PERSONALITY_NAMES", "F_INDIRECT", "F_EVENT_IDX", "F_VERSION_1",
     "STATUS_NEEDS_RESET",
 ]
@@ -138,16 +138,3 @@ async def probe_and_serve(fe: Frontend, *, chains: int = 4, **driver_options: An
     return drv
 
 
-def resend_table_whole(fe: Frontend) -> None:
-    """Make the next ``start`` send one SET_MEM_TABLE instead of ADD_MEM_REG
-    per region.
-
-    QEMU with CONFIGURE_MEM_SLOTS sends only the *difference* to the regions
-    the back-end already has (vhost_user_add_remove_regions keeps shadow
-    regions across stop/start), so an unchanged table brings no message when
-    a device starts again on the same connection.  The harness re-sends
-    ADD_MEM_REG for every region instead, which the back-end rightly refuses
-    as overlapping.  A whole SET_MEM_TABLE (what QEMU without
-    CONFIGURE_MEM_SLOTS sends at every start) is a faithful restart.
-    """
-    fe.personality = dataclasses.replace(fe.personality, use_mem_slots=False)

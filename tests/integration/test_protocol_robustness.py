@@ -29,7 +29,6 @@ from conftest import (
     closing_lines,
     fd_count,
     probe_and_serve,
-    resend_table_whole,
     served,
     submit_mixed,
     wait_idle,
@@ -500,7 +499,6 @@ async def test_hostile_ring_marks_device_needs_reset(
                 await fe_a.stop()
                 assert not await fe_a.get_status() & STATUS_NEEDS_RESET
                 fe_a.vring_bases.clear()
-                resend_table_whole(fe_a)
                 drv_a = Driver(fe_a)
                 await drv_a.probe()
                 assert conn_a.status()["ring_error"] is None

@@ -25,7 +25,6 @@ from conftest import (
     RING_IMPLS,
     RngDevice,
     check_rng_data,
-    resend_table_whole,
     served,
     submit_mixed,
     wait_idle,
@@ -90,7 +89,6 @@ async def test_rng_serves_and_resumes(tmp_path: Path, personality: str, event_id
 
 async def restart(fe: Frontend, drv: Driver) -> None:
     """Start the device again on the same connection (guest reboot)."""
-    resend_table_whole(fe)
     await fe.start(drv.queues, features=drv.features)
 
 

@@ -31,7 +31,6 @@ from conftest import (
     BalloonDevice,
     RngDevice,
     check_rng_data,
-    resend_table_whole,
     served,
     submit_mixed,
     sync,
@@ -164,7 +163,6 @@ async def test_reset_forgets_features_and_renegotiates(tmp_path: Path) -> None:
                 assert st["negotiated_features"] is None and st["accepted_features"] is None
                 # After the reset the driver may pick a different set.
                 fe.vring_bases.clear()
-                resend_table_whole(fe)
                 drv = Driver(fe, feature_writes="each", decline=[F_EVENT_IDX])
                 await drv.probe()
                 assert "VIRTIO_RING_F_EVENT_IDX" not in runner.status()["negotiated_features"]

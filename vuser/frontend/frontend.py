@@ -87,6 +87,8 @@ class Frontend:
         self.offered_protocol_features: int | None = None
         self.queue_num: int | None = None
         self.max_mem_slots: int | None = None
+        # Regions the back-end holds (for ADD/REM_MEM_REG differences).
+        self._backend_regions: dict[tuple[int, int, int, int], Region] = {}
         # What we negotiated / sent.
         self.protocol_features = 0
         self.acked_features: int | None = None       # last SET_FEATURES value
@@ -399,15 +401,18 @@ class Frontend:
         regs = list(self.memory.regions if regions is None else regions)
         payload = {"nregions": len(regs), "regions": [r.table_entry() for r in regs]}
         await self._call(Request.SET_MEM_TABLE, payload, [r.fd for r in regs], need_reply=need_reply)
+        self._backend_regions = {_region_key(r): r for r in regs}
 
     async def add_mem_reg(self, region: Region, *, need_reply: bool | None = None) -> None:
         await self._call(Request.ADD_MEM_REG, {"region": region.table_entry()}, [region.fd],
                          need_reply=need_reply)
+        self._backend_regions[_region_key(region)] = region
 
     async def rem_mem_reg(self, region: Region, *, need_reply: bool | None = None) -> None:
         # QEMU sends no fd and a zero mmap_offset (send_remove_regions).
         entry = dict(region.table_entry(), mmap_offset=0)
         await self._call(Request.REM_MEM_REG, {"region": entry}, need_reply=need_reply)
+        self._backend_regions.pop(_region_key(region), None)
 
     async def set_vring_num(self, index: int, num: int) -> None:
         await self._call(Request.SET_VRING_NUM, {"index": index, "num": num})
@@ -543,8 +548,15 @@ class Frontend:
 
     async def _send_mem_table(self) -> None:
         if self.personality.use_mem_slots and self.has_protocol_feature(PF.CONFIGURE_MEM_SLOTS):
-            for region in self.memory.regions:
-                await self.add_mem_reg(region)
+            # Like QEMU's vhost_user_add_remove_regions: the back-end keeps
+            # its regions across stop/start, so send only the difference.
+            wanted = {_region_key(r): r for r in self.memory.regions}
+            for key, region in list(self._backend_regions.items()):
+                if key not in wanted:
+                    await self.rem_mem_reg(region)
+            for key, region in wanted.items():
+                if key not in self._backend_regions:
+                    await self.add_mem_reg(region)
         else:
             await self.set_mem_table()
 
@@ -647,3 +659,8 @@ __all__ = [
     "ACKNOWLEDGE", "DRIVER", "DRIVER_OK", "FEATURES_OK", "Frontend",
     "PROTOCOL_FEATURES_BIT", "REPLY_FLAGS",
 ]
+
+
+def _region_key(region: Region) -> tuple[int, int, int, int]:
+    e = region.table_entry()
+    return (e["guest_phys_addr"], e["memory_size"], e["userspace_addr"], e["mmap_offset"])
