@@ -180,6 +180,10 @@ async def test_queue_layout_follows_offered_features(without, expected, tmp_path
         seen = guest_features((await guest.check(f"cat {vdir}/features")).stdout)
         for name in without:
             assert not dev.has(name, seen)
+        negotiated = runner.connection.session.negotiated_features
+        offered = dev.offered_bits
+        assert seen & offered == negotiated & offered, (dev.feature_names(seen & offered),
+                                                        dev.feature_names(negotiated & offered))
 
 
 @pytest.mark.guest
