@@ -20,6 +20,7 @@ from vuser.testing.guest import (
     provisioned,
     qemu_command,
     qemu_info,
+    qemu_rss,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "provisioned",
     "qemu_command",
     "qemu_info",
+    "qemu_rss",
 ]

@@ -69,6 +69,7 @@ __all__ = [
     "provisioned",
     "qemu_command",
     "qemu_info",
+    "qemu_rss",
 ]
 
 PROTOCOL = "1"
@@ -244,6 +245,25 @@ def qemu_command(binary: str, *, vmlinuz: str, initramfs: str, memory_mb: int,
     if qmp_socket:
         argv += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
     return argv + list(extra_args)
+
+
+RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+def qemu_rss(pid: int) -> dict[str, int]:
+    """Resident memory of a process (e.g. :attr:`Guest.pid`), in bytes, from
+    ``/proc/<pid>/status``: ``VmRSS`` and its parts ``RssAnon``, ``RssFile``
+    and ``RssShmem``.  A guest's RAM is a shared memfd, so it shows in
+    ``RssShmem`` (pages the guest touched and the back-ends did not punch
+    out).  Raises OSError if the process is gone."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in RSS_FIELDS:
+                value, _, unit = rest.strip().partition(" ")
+                out[key] = int(value) * (1024 if unit.strip().lower() == "kb" else 1)
+    return out
 
 
 # ---------------------------------------------------------------- the guest
