@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import signal
 import sys
 from typing import Any, Sequence
@@ -22,23 +23,43 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _device_parser(prog: str, cls: type[Device], with_socket: bool = True) -> argparse.ArgumentParser:
+def _device_parser(prog: str, cls: type[Device], with_socket: bool = True,
+                   multi_socket: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=cls.description or cls.name)
-    if with_socket:
+    if multi_socket:
+        p.add_argument("--socket", required=True, metavar="PATH", action="append",
+                       help="vhost-user unix socket (repeatable for multi-port devices: "
+                            "one port per socket)")
+    elif with_socket:
         p.add_argument("--socket", required=True, metavar="PATH", help="vhost-user unix socket")
     cls.add_arguments(p)
     return p
 
 
+def _devices_for_sockets(cls: type[Device], args: argparse.Namespace) -> list[Device]:
+    """One device per socket.  A device class with ``from_args_sockets``
+    (net: ports of one switch) makes them all; others serve one socket."""
+    sockets = args.socket
+    make = getattr(cls, "from_args_sockets", None)
+    if make is not None:
+        return list(make(args, sockets))
+    if len(sockets) > 1:
+        raise DeviceError(f"{cls.name} serves one socket; --socket given {len(sockets)} times")
+    args.socket = sockets[0]
+    return [cls.from_args(args)]
+
+
 # ------------------------------------------------------------------ run
 
-async def _run(device: Device, args: argparse.Namespace) -> None:
-    from .runner import Runner
+async def _run(devices: list[Device], sockets: list[str], args: argparse.Namespace) -> None:
+    from .runner import Runner, RunnerGroup
 
-    runner = Runner(device, args.socket, client=args.client, control_path=args.control, ring_impl=args.ring)
+    runners = [Runner(dev, path, client=args.client, ring_impl=args.ring) for dev, path in zip(devices, sockets)]
+    tasks = getattr(devices[0], "background_tasks", None)
+    group = RunnerGroup(runners, control_path=args.control, background=tasks() if tasks else [])
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(runner.run)
+            await nursery.start(group.run)
             async for signum in signals:
                 log.info("signal %s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -47,7 +68,8 @@ async def _run(device: Device, args: argparse.Namespace) -> None:
 
 def cmd_run(argv: Sequence[str]) -> int:
     if not argv or argv[0].startswith("-"):
-        print("usage: vuser run DEVICE --socket PATH [--client] [--control PATH] [device options]",
+        print("usage: vuser run DEVICE --socket PATH [--socket PATH...] [--client] [--control PATH] "
+              "[device options]",
               file=sys.stderr)
         return 2
     name, rest = argv[0], list(argv[1:])
@@ -56,18 +78,19 @@ def cmd_run(argv: Sequence[str]) -> int:
     except KeyError as exc:
         print(f"vuser: {exc.args[0]}", file=sys.stderr)
         return 2
-    p = _device_parser(f"vuser run {name}", cls)
+    p = _device_parser(f"vuser run {name}", cls, multi_socket=True)
     p.add_argument("--client", action="store_true", help="connect to a front-end listening on --socket")
     p.add_argument("--control", metavar="PATH", help="open a control socket at PATH (vuser ctl)")
     p.add_argument("--ring", choices=("native", "python"), default="native",
                    help="ring implementation: the C hot path or the pure-Python reference")
     args = p.parse_args(rest)
+    sockets = list(args.socket)
     try:
-        device = cls.from_args(args)
+        devices = _devices_for_sockets(cls, args)
     except (DeviceError, OSError) as exc:
         print(f"vuser: {exc}", file=sys.stderr)
         return 2
-    trio.run(_run, device, args)
+    trio.run(_run, devices, sockets, args)
     return 0
 
 
@@ -118,16 +141,24 @@ def cmd_devices(argv: Sequence[str]) -> int:
 
 # ------------------------------------------------------------------ qemu-args
 
-def qemu_args(device: Device, socket_path: str, *, qemu_version: str = "11", memory: str = "512M",
+def qemu_args(device: Device, socket_path: str, *, qemu_version: str = "11", memory: str | None = "512M",
               chardev_id: str = "vu0", reconnect: int | None = None) -> list[str]:
+    """QEMU arguments attaching ``device``; ``memory=None`` leaves out the
+    shared memory backend (when the caller already gives one: a vhost-user
+    back-end needs the guest RAM shared, e.g. memory-backend-memfd,share=on)."""
     chardev = f"socket,id={chardev_id},path={socket_path}"
     if reconnect is not None:
         chardev += f",reconnect={reconnect}"
-    return [
+    mem_args = [] if memory is None else [
         "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
         "-machine", "q35,memory-backend=mem",
         "-m", memory,
+    ]
+    return [
+        *mem_args,
         "-chardev", chardev,
+        # A netdev-style device (net) needs its -netdev before the -device.
+        *getattr(device, "qemu_extra_args", lambda c, v: [])(chardev_id, qemu_version),
         "-device", device.qemu_device_args(chardev_id, qemu_version),
     ]
 
@@ -143,10 +174,14 @@ def cmd_qemu_args(argv: Sequence[str]) -> int:
     p.add_argument("--qemu-version", default="11", help="QEMU major.minor to target (7.2 or 11)")
     p.add_argument("--memory", default="512M", help="guest RAM (shared memfd backend)")
     p.add_argument("--chardev-id", default="vu0")
+    p.add_argument("--no-memory", action="store_true",
+                   help="leave out the shared memory backend (the caller gives one, once per guest)")
     args = p.parse_args(rest)
+    if isinstance(args.socket, list):  # run-style repeatable --socket
+        args.socket = args.socket[0]
     device = cls.from_args(args)
-    print(" ".join(qemu_args(device, args.socket, qemu_version=args.qemu_version, memory=args.memory,
-                             chardev_id=args.chardev_id)))
+    print(shlex.join(qemu_args(device, args.socket, qemu_version=args.qemu_version,
+                               memory=None if args.no_memory else args.memory, chardev_id=args.chardev_id)))
     return 0
 
 

@@ -76,6 +76,7 @@ class QueueSlot:
     stopped: trio.Event | None = None
     buffers: int = 0
     kicks: int = 0
+    self_wakes: int = 0
     notifies: int = 0
     role: str | None = None
 
@@ -327,10 +328,10 @@ class Connection:
             slot.enabled = ev.enable
             log.debug("%s: queue %d %s", self.name, ev.index, "enabled" if ev.enable else "disabled")
             if ev.enable and slot.running:
-                self._process(slot)
+                self._wake(slot)
             return None
         if isinstance(ev, P.VringKickInband):  # pragma: no cover - never offered
-            self._process(self.slots[ev.index])
+            self._wake(self.slots[ev.index])
             return None
         if isinstance(ev, P.BackendChannelSet):
             if self.backend_sock is not None:
@@ -480,14 +481,24 @@ class Connection:
     async def _queue_task(self, slot: QueueSlot, scope: trio.CancelScope, stopped: trio.Event) -> None:
         try:
             with scope:
+                # First pass without waiting: buffers made available while
+                # the ring was stopped or its memory was being replaced may
+                # never be kicked again.
+                more = True
                 while True:
-                    if slot.kick.fd is not None:
+                    if more:  # chains left after a full round: no kick may come for them
+                        await trio.lowlevel.checkpoint()
+                    elif slot.kick.fd is not None:
                         await trio.lowlevel.wait_readable(slot.kick.fd)
                         _drain_eventfd(slot.kick.fd)
+                        if slot.self_wakes:  # our own wake-up, not the front-end's kick
+                            slot.self_wakes -= 1
+                        else:
+                            slot.kicks += 1
                     else:  # front-end asked for polling
                         await trio.sleep(0.001)
-                    slot.kicks += 1
-                    self._process(slot)
+                        slot.kicks += 1
+                    more = self._process(slot)
         finally:
             stopped.set()
 
@@ -514,12 +525,15 @@ class Connection:
                 await self._stop_ring(slot)
             slot.enabled = False
 
-    def _process(self, slot: QueueSlot) -> None:
+    def _process(self, slot: QueueSlot) -> bool:
         """Run the device on every available chain; re-check after enabling
-        notifications so a kick that raced with us is not lost."""
+        notifications so a kick that raced with us is not lost.  True when
+        chains are still pending after 64 rounds: the guest may have read
+        avail_event before we moved it and will not kick for them, so the
+        caller must come back without waiting for a kick."""
         vq = slot.vq
         if vq is None or not slot.enabled or self.device_broken is not None:
-            return
+            return False
         handle = QueueHandle(self, slot)
         for _ in range(64):
             before = vq.last_avail_idx
@@ -527,7 +541,21 @@ class Connection:
             self.device.on_kick(handle)
             vq.set_notification(True)
             if self.device_broken is not None or vq.last_avail_idx == before or not vq.avail_pending():
-                break
+                return False
+        return True
+
+    def _wake(self, slot: QueueSlot) -> None:
+        """Make the queue task run a pass now: all processing happens in that
+        task, so its 'chains still pending' loop covers every path.  Writing
+        the kick eventfd is what a front-end kick does anyway."""
+        fd = slot.kick.fd
+        if fd is not None:
+            slot.self_wakes += 1
+            try:
+                os.write(fd, _EVENTFD_ONE)
+            except BlockingIOError:
+                pass  # counter saturated: a wake-up is pending anyway
+        # Polling queues run a pass every millisecond regardless.
 
     def signal_call(self, slot: QueueSlot) -> None:
         fd = slot.call.fd
