@@ -51,7 +51,12 @@ class Runner:
         else:
             out.update({"connected": False, "queue_policy": dev.queue_policy,
                         "queues": dev.queue_layout(None).as_list(), "negotiated_features": None})
-        out["device_status"] = dev.status()
+        device_status = dev.status()
+        out["device_status"] = device_status
+        # Device figures also at the top level (e.g. the balloon's target,
+        # actual, bytes_released, stats), without shadowing generic keys.
+        for key, value in device_status.items():
+            out.setdefault(key, value)
         return out
 
     def control(self, command: str, args: list[str]) -> Any:
@@ -65,4 +70,49 @@ class Runner:
                 await nursery.start(serve_control, self.control_path, self.control)
             serve = serve_client if self.client else serve_unix
             await nursery.start(serve, self.socket_path, self._handle)
+            task_status.started()
+
+
+class RunnerGroup:
+    """Several sockets served by one process (a multi-port device such as
+    net: one Runner, so one Connection and one device, per socket), one
+    control socket for all of them, and the devices' shared background work
+    (``background``: ``async fn(task_status=...)`` run once, such as the net
+    switch's tap readers).
+
+    With one runner the control socket answers exactly as that runner's.
+    """
+
+    def __init__(self, runners: list[Runner], *, control_path: str | None = None,
+                 background: list[Any] | None = None) -> None:
+        if not runners:
+            raise ValueError("a runner group needs at least one runner")
+        self.runners = runners
+        self.control_path = control_path
+        self.background = list(background or [])
+
+    def status(self) -> dict[str, Any]:
+        if len(self.runners) == 1:
+            return self.runners[0].status()
+        first = self.runners[0].device
+        sockets = []
+        for r in self.runners:
+            s = r.status()
+            s.pop("device_status", None)
+            sockets.append(s)
+        return {"device": first.name, "sockets": sockets, "device_status": first.status()}
+
+    def control(self, command: str, args: list[str]) -> Any:
+        if command == "status":
+            return self.status()
+        return self.runners[0].device.control(command, args)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for task in self.background:
+                await nursery.start(task)
+            for runner in self.runners:
+                await nursery.start(runner.run)
+            if self.control_path:
+                await nursery.start(serve_control, self.control_path, self.control)
             task_status.started()
