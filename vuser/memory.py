@@ -1,0 +1,341 @@
+"""Guest memory: the regions of a vhost-user memory table, mapped once.
+
+Each region arrives as an fd plus (guest-physical address, size, front-end
+virtual address, mmap offset).  ``GuestMemory`` maps ``[mmap_offset,
+mmap_offset + size)`` of each fd shared and read-write, translates
+guest-physical and front-end-virtual addresses, hands out bounds-checked
+memoryviews, punches holes for the balloon, and keeps ``native`` (a cffi
+``struct vu_mem *``) in step with ``regions`` for the C ring code.
+
+Resource handling
+    Every fd passed in is owned from then on: kept open while its region
+    exists (for hole punching), closed when the region is removed, replaced
+    or cleared, and closed at once when the call that brought it fails.
+    A closed region's fd attribute becomes -1.  A mapping is unmapped when
+    its region goes, unless memoryviews into it (chains a device still
+    holds, a ring's areas) are alive: then it lingers, still valid, until
+    the last of them is dropped, so no view ever points at unmapped memory.
+
+Error handling
+    Anything wrong with a table or an address raises ``MemoryAccessError``;
+    the caller decides whether that closes the connection (a bad table) or
+    is the guest's fault (a bad address in a ring).
+
+The front-end can still truncate a memfd after it was mapped; accesses
+past the new end would then raise SIGBUS.  Sealing is the front-end's job
+(QEMU seals its memfds against shrinking).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import cffi
+
+try:
+    from vuser._native import ffi as _ffi
+except ImportError:  # the pure-Python ring still works
+    _ffi = None
+
+# For addresses of buffers only; works without the compiled extension.
+_addr_ffi = _ffi if _ffi is not None else cffi.FFI()
+
+_U64 = 1 << 64
+
+
+class MemoryAccessError(Exception):
+    """A memory table or an address that does not fit guest memory."""
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    gpa: int          # guest-physical address of the first byte
+    size: int
+    uva: int          # the front-end's virtual address of the first byte
+    mmap_offset: int  # where the region starts in its fd
+
+
+class Region:
+    """One mapped region: ``view`` is guest-physical ``[gpa, gpa + size)``."""
+
+    def __init__(self, fd: int, spec: RegionSpec) -> None:
+        """Maps the region or closes ``fd`` and raises MemoryAccessError."""
+        self.fd = fd
+        self.spec = spec
+        self.host: Any = None
+        try:
+            _check_spec(spec)
+            self.page_size = _page_size(fd)
+            self._delta = spec.mmap_offset % self.page_size
+            self._mmap = mmap.mmap(fd, self._delta + spec.size, flags=mmap.MAP_SHARED,
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                                   offset=spec.mmap_offset - self._delta)
+        except (OSError, ValueError, OverflowError, MemoryAccessError) as exc:
+            self._close_fd()
+            raise MemoryAccessError(f"cannot map region {_describe(spec)}: {exc}") from None
+        whole = memoryview(self._mmap)
+        self.view = whole[self._delta:self._delta + spec.size]
+        whole.release()
+        self.readonly = self.view.toreadonly()
+        if _ffi is not None:
+            self.host = _ffi.from_buffer("uint8_t[]", self.view)
+        self.address = _address(self.view)
+
+    @property
+    def gpa(self) -> int:
+        return self.spec.gpa
+
+    @property
+    def size(self) -> int:
+        return self.spec.size
+
+    @property
+    def uva(self) -> int:
+        return self.spec.uva
+
+    @property
+    def end(self) -> int:
+        return self.spec.gpa + self.spec.size
+
+    def __repr__(self) -> str:
+        return f"Region({_describe(self.spec)}, fd={self.fd})"
+
+    def close(self) -> None:
+        if self.host is not None and _ffi is not None:
+            _ffi.release(self.host)
+            self.host = None
+        if hasattr(self, "_mmap"):
+            self.readonly.release()
+            self.view.release()
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass  # views into it are alive; unmapped when the last one goes
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def _discard(self, offset: int, length: int) -> int:
+        """MADV_REMOVE the whole pages inside [offset, offset + length) of
+        the region; returns the bytes released."""
+        start = self._delta + offset
+        stop = start + length
+        start = -(-start // self.page_size) * self.page_size
+        stop = stop // self.page_size * self.page_size
+        if stop <= start:
+            return 0
+        try:
+            self._mmap.madvise(mmap.MADV_REMOVE, start, stop - start)
+        except OSError as exc:
+            raise MemoryAccessError(f"cannot discard in region {_describe(self.spec)}: {exc}") from None
+        return stop - start
+
+
+class GuestMemory:
+    """The mapped memory table; see the module docstring."""
+
+    MAX_REGIONS = 64
+
+    def __init__(self) -> None:
+        self._regions: tuple[Region, ...] = ()
+        # Bumped on every change: rings re-resolve their pointers when it moves.
+        self.generation = 0
+        self.native: Any = _ffi.new("struct vu_mem *") if _ffi is not None else None
+
+    # ------------------------------------------------------------ the table
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        return self._regions
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+    def __iter__(self) -> Iterator[Region]:
+        return iter(self._regions)
+
+    def add_region(self, fd: int, spec: RegionSpec) -> None:
+        """ADD_MEM_REG: map one more region (takes ownership of ``fd``)."""
+        region = Region(fd, spec)
+        try:
+            self._install(self._regions + (region,))
+        except MemoryAccessError:
+            region.close()
+            raise
+
+    def remove_region(self, spec: RegionSpec) -> None:
+        """REM_MEM_REG: the region with this gpa and size (uva and offset
+        are not compared: front-ends differ in what they send back)."""
+        for region in self._regions:
+            if region.gpa == spec.gpa and region.size == spec.size:
+                self._install(tuple(r for r in self._regions if r is not region))
+                region.close()
+                return
+        raise MemoryAccessError(f"no region {_describe(spec)} to remove")
+
+    def replace(self, fds_and_specs: Iterable[tuple[int, RegionSpec]]) -> None:
+        """SET_MEM_TABLE: map the whole new table, then drop the old one.
+        On failure the old table stays and every fd passed is closed."""
+        items = list(fds_and_specs)
+        new: list[Region] = []
+        try:
+            for k, (fd, spec) in enumerate(items):
+                new.append(Region(fd, spec))  # closes its fd on failure
+            old = self._regions
+            self._install(tuple(new))
+        except BaseException:
+            for region in new:
+                region.close()
+            for fd, _ in items[len(new) + 1:]:
+                _close_quietly(fd)
+            raise
+        for region in old:
+            region.close()
+
+    def clear(self) -> None:
+        """Unmap everything and close every fd (disconnect, reset)."""
+        old = self._regions
+        self._install(())
+        for region in old:
+            region.close()
+
+    close = clear
+
+    def _install(self, regions: tuple[Region, ...]) -> None:
+        if len(regions) > self.MAX_REGIONS:
+            raise MemoryAccessError(f"{len(regions)} regions, at most {self.MAX_REGIONS}")
+        ordered = sorted(regions, key=lambda r: r.gpa)
+        for a, b in zip(ordered, ordered[1:]):
+            if a.end > b.gpa:
+                raise MemoryAccessError(f"regions overlap: {_describe(a.spec)} and {_describe(b.spec)}")
+        previous = len(self._regions)
+        self._regions = regions
+        self.generation += 1
+        if self.native is not None:
+            n = self.native
+            n.nregions = 0
+            for i, r in enumerate(regions):
+                e = n.regions[i]
+                e.gpa, e.size, e.uva, e.host = r.gpa, r.size, r.uva, r.host
+            for i in range(len(regions), previous):
+                e = n.regions[i]
+                e.gpa = e.size = e.uva = 0
+                e.host = _ffi.NULL
+            n.nregions = len(regions)
+
+    # ------------------------------------------------------------ addresses
+
+    def locate(self, gpa: int, length: int) -> tuple[int, int]:
+        """(region index, offset in it) of ``[gpa, gpa + length)``, which
+        must lie in one region."""
+        for i, r in enumerate(self._regions):
+            off = gpa - r.gpa
+            if 0 <= off < r.size and length <= r.size - off and length >= 0:
+                return i, off
+        raise MemoryAccessError(f"guest range {gpa:#x}+{length:#x} is not inside one region")
+
+    def gpa_view(self, gpa: int, length: int, *, writable: bool = False) -> memoryview:
+        """A view of guest-physical ``[gpa, gpa + length)`` (no copy)."""
+        i, off = self.locate(gpa, length)
+        r = self._regions[i]
+        return (r.view if writable else r.readonly)[off:off + length]
+
+    def uva_to_gpa(self, uva: int, length: int) -> int:
+        """Front-end virtual address (SET_VRING_ADDR) to guest-physical;
+        ``[uva, uva + length)`` must lie in one region."""
+        for r in self._regions:
+            off = uva - r.uva
+            if 0 <= off < r.size and 0 <= length <= r.size - off:
+                return r.gpa + off
+        raise MemoryAccessError(f"front-end range {uva:#x}+{length:#x} is not inside one region")
+
+    # ------------------------------------------------------------ balloon
+
+    def discard(self, gpa: int, length: int) -> int:
+        """Give the whole pages inside ``[gpa, gpa + length)`` back to the
+        host (MADV_REMOVE: punches a hole in the shared memfd / shmem file;
+        the guest reads zeroes there afterwards).  The range may cross from
+        one region into an adjacent one but must lie in guest memory.
+        Returns the bytes released."""
+        if length < 0:
+            raise MemoryAccessError(f"negative length {length}")
+        pieces: list[tuple[Region, int, int]] = []
+        cur, end = gpa, gpa + length
+        while cur < end:
+            r = self._region_at(cur)
+            if r is None:
+                raise MemoryAccessError(f"guest range {gpa:#x}+{length:#x} is not in guest memory")
+            stop = min(end, r.end)
+            pieces.append((r, cur - r.gpa, stop - cur))
+            cur = stop
+        return sum(r._discard(off, n) for r, off, n in pieces)
+
+    def discard_views(self, views: Sequence[memoryview]) -> int:
+        """``discard`` for views handed out by this memory (a chain's
+        buffers, e.g. free page reports).  Returns the bytes released."""
+        released = 0
+        for v in views:
+            if not v.nbytes:
+                continue
+            addr = _address(v)
+            for r in self._regions:
+                off = addr - r.address
+                if 0 <= off and off + v.nbytes <= r.size:
+                    released += r._discard(off, v.nbytes)
+                    break
+            else:
+                raise MemoryAccessError("view is not inside guest memory")
+        return released
+
+    def _region_at(self, gpa: int) -> Region | None:
+        for r in self._regions:
+            if 0 <= gpa - r.gpa < r.size:
+                return r
+        return None
+
+
+def _check_spec(spec: RegionSpec) -> None:
+    if spec.size <= 0:
+        raise MemoryAccessError("size 0")
+    if spec.gpa < 0 or spec.gpa + spec.size > _U64:
+        raise MemoryAccessError("guest-physical range wraps 2^64")
+    if spec.uva < 0 or spec.uva + spec.size > _U64:
+        raise MemoryAccessError("front-end virtual range wraps 2^64")
+    if spec.mmap_offset < 0:
+        raise MemoryAccessError("negative mmap offset")
+
+
+def _page_size(fd: int) -> int:
+    """The fd's page size: hugetlbfs reports its huge page size here."""
+    try:
+        bsize = os.fstatvfs(fd).f_bsize
+    except OSError:
+        return mmap.PAGESIZE
+    if bsize > mmap.PAGESIZE and bsize % mmap.PAGESIZE == 0 and bsize <= 1 << 30:
+        return bsize
+    return mmap.PAGESIZE
+
+
+def _address(view: memoryview) -> int:
+    buf = _addr_ffi.from_buffer(view)
+    try:
+        return int(_addr_ffi.cast("uintptr_t", buf))
+    finally:
+        _addr_ffi.release(buf)
+
+
+def _describe(spec: RegionSpec) -> str:
+    return f"gpa {spec.gpa:#x} size {spec.size:#x} uva {spec.uva:#x} offset {spec.mmap_offset:#x}"
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
