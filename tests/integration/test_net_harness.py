@@ -30,6 +30,7 @@ from vuser.control import call as control_call
 from vuser.frontend import HARNESS_PROTOCOL_FEATURES, Driver, Frontend
 from vuser.netswitch import NetSwitch
 from vuser.runner import Runner, RunnerGroup
+from vuser.testing.netframes import VnetHdr, offload_hdr, parse_tcp, tcp_frame
 from vuser.wire import ProtocolFeature as PF
 from vuser.wire import Request
 
@@ -38,7 +39,8 @@ try:
 except ImportError:  # pragma: no cover - a tree that was never installed
     from devices.net import NetDevice  # type: ignore[no-redef]
 
-F_MTU, F_MRG_RXBUF, F_STATUS, F_MQ = 3, 15, 16, 22
+F_CSUM, F_GUEST_CSUM, F_MTU, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6 = 0, 1, 3, 7, 8, 11, 12
+F_MRG_RXBUF, F_STATUS, F_MQ = 15, 16, 22
 F_EVENT_IDX, F_VERSION_1 = 29, 32
 NET_PROTOCOL_FEATURES = HARNESS_PROTOCOL_FEATURES | (1 << PF.RARP) | (1 << PF.MTU)
 BCAST = b"\xff" * 6
@@ -52,9 +54,9 @@ def eth(dst: bytes, src: bytes, payload: bytes, ethertype: int = 0x88B5) -> byte
 
 @asynccontextmanager
 async def net_group(tmp_path: Path, ports: int = 2, *, mode: str = "switch", queue_pairs: int = 1,
-                    pcap: str | None = None, control: str | None = None,
+                    pcap: str | None = None, control: str | None = None, busy_poll: bool = False,
                     taps: tuple[str, ...] = ()) -> AsyncIterator[tuple[NetSwitch, list[NetDevice], list[str]]]:
-    switch = NetSwitch(mode=mode, pcap=pcap)
+    switch = NetSwitch(mode=mode, pcap=pcap, busy_poll=busy_poll)
     devices = [NetDevice(switch=switch, queue_pairs=queue_pairs, port_name=f"port{i}") for i in range(ports)]
     for d in devices:
         d.port  # noqa: B018 - number the ports in order
@@ -339,6 +341,22 @@ async def test_reflect_mode(tmp_path: Path) -> None:
                 assert st["tx_packets"] == st["rx_packets"] == len(frames)
 
 
+async def test_busy_poll(tmp_path: Path) -> None:
+    """Busy-poll mode moves frames without kicks."""
+    with trio.fail_after(30):
+        async with net_group(tmp_path, busy_poll=True) as (switch, devices, paths):
+            async with connect(paths[0]) as fa, connect(paths[1]) as fb:
+                a, b = await probe(fa), await probe(fb)
+                b.fill_rx()
+                frames = [eth(BCAST, MAC_A, bytes([n]) * 100) for n in range(5)]
+                q = a.drv.queue(1)
+                for f in frames:
+                    q.add_outbuf(bytes(12) + f)   # no kick
+                assert [f for _, f in await b.recv(5)] == frames
+                assert devices[0]._conn.slots[1].kicks == 0
+                assert switch.stats()["busy_poll"]
+
+
 async def test_sink_mode(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with net_group(tmp_path, ports=2, mode="sink") as (switch, devices, paths):
@@ -358,10 +376,10 @@ async def test_drops_are_counted(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with net_group(tmp_path) as (switch, devices, paths):
             async with connect(paths[0]) as fa, connect(paths[1]) as fb:
-                a, b = await probe(fa), await probe(fb)
+                a, b = await probe(fa, decline=[F_CSUM]), await probe(fb)
                 a.send(eth(BCAST, MAC_A, bytes(50)))             # B has no rx buffers yet
                 a.send(b"\x01\x02\x03")                           # runt
-                a.send(eth(BCAST, MAC_A, bytes(50)), hdr=b"\x01" + bytes(11))  # NEEDS_CSUM: not offered
+                a.send(eth(BCAST, MAC_A, bytes(50)), hdr=b"\x01" + bytes(11))  # NEEDS_CSUM: CSUM declined
                 a.drv.queue(1).add_outbuf(b"short")                # shorter than the header
                 a.drv.queue(1).kick()
                 a.send(eth(MAC_A, MAC_A, bytes(50)))              # to itself (learned on port 0)
@@ -457,6 +475,37 @@ async def test_stop_restart_and_disconnect(tmp_path: Path) -> None:
                 # A port whose front-end is gone is like a link that is down:
                 # flooding skips it, so the frame had nowhere to go.
                 assert port_stats(switch, 0)["drops"] == {"no_dest": 1}
+
+
+async def test_offloads_between_guests(tmp_path: Path) -> None:
+    """A guest with CSUM/HOST_TSO sends a partial-checksum frame and a TCP
+    GSO frame: a guest with GUEST_CSUM/GUEST_TSO4 gets them as they are, a
+    guest without gets a completed checksum and MSS-sized segments."""
+    with trio.fail_after(30):
+        async with net_group(tmp_path, ports=3) as (switch, devices, paths):
+            async with connect(paths[0]) as fa, connect(paths[1]) as fb, connect(paths[2]) as fc:
+                a = await probe(fa)
+                b = await probe(fb)
+                c = await probe(fc, decline=[F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6])
+                for bit in (F_CSUM, F_HOST_TSO4, F_GUEST_CSUM, F_GUEST_TSO4):
+                    assert a.features & (1 << bit)
+                b.fill_rx(count=64, size=4096)
+                c.fill_rx(count=64, size=4096)
+                payload = os.urandom(20000)
+                frame = tcp_frame(payload, dst_mac=BCAST, partial=True)
+                hdr = offload_hdr(frame, gso_size=1448)
+                a.send(frame, hdr=hdr.pack())
+                (hb, fb_), = await b.recv(1)
+                assert fb_ == frame and VnetHdr.unpack(hb) == hdr
+                segs = [parse_tcp(f) for _, f in await c.recv(14)]
+                assert b"".join(sg.payload for sg in segs) == payload
+                assert port_stats(switch, 2)["rx_segments"] == 14
+                small = tcp_frame(b"abc" * 100, dst_mac=BCAST, partial=True)
+                a.send(small, hdr=offload_hdr(small).pack())
+                (hb, got), = await b.recv(1)
+                assert got == small and VnetHdr.unpack(hb) == offload_hdr(small)
+                (hc, got), = await c.recv(1)
+                assert parse_tcp(got).payload == b"abc" * 100 and hc == bytes(10) + b"\x01\x00"
 
 
 # ------------------------------------------------------------------ pcap, control, CLI, tap

@@ -1,0 +1,883 @@
+/*
+ * net.c - virtio-net switch data path; see net.h for the contract.
+ *
+ * Frame path: tx chain (validated segments) -> scratch bounce buffer ->
+ * each destination.  The scratch buffer keeps VU_NET_HDR_MAX bytes in front
+ * of the frame so that a destination's virtio-net header (10 or 12 bytes,
+ * written per destination from the parsed source header) and the frame
+ * form one contiguous source for the copy into receive buffers or the
+ * write() to a tap.  Software segments are built the same way in
+ * seg_scratch.
+ *
+ * Receive buffers are popped one chain at a time from the destination
+ * ring, filled at once, and their used elements batched per ring; a frame
+ * that cannot be completed (ring empty half-way through a mergeable frame,
+ * chain too small) gives its chains back by moving last_avail_idx back
+ * over them (they were the last ones popped and nothing was published for
+ * them), as libvhost-user's vu_queue_rewind does.  A frame's used elements
+ * are never split over two publications: Linux's receive_mergeable expects
+ * all num_buffers of a frame to be there once the first one is.
+ */
+#define _DEFAULT_SOURCE
+#include <endian.h>
+#include <errno.h>
+#include <stddef.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "net.h"
+
+#define ETH_HLEN 14u
+#define ETH_P_IPV4 0x0800
+#define ETH_P_IPV6 0x86DD
+#define ETH_P_VLAN 0x8100
+#define IPPROTO_TCP_ 6
+#define TCP_FIN 0x01
+#define TCP_PSH 0x08
+#define TCP_CWR 0x80
+#define GSO_MAX_SEGS 2048
+#define MRG_NUM_BUFFERS_OFF 10u     /* offsetof(virtio_net_hdr_mrg_rxbuf, num_buffers) */
+#define RX_BATCH VU_NET_BATCH
+/* tx chains per pop: small batches pace the receivers (measured: 32 moves
+ * more frames through reflect than 256, with the same sink rate). */
+#define TX_BATCH 32u
+
+/* ------------------------------------------------------------ helpers */
+
+static inline uint8_t *seg_host(const struct vu_mem *mem, const struct vu_seg *s)
+{
+    const struct vu_region *r;
+
+    /* vu_vring_pop checked this against the same table; check again so a
+     * stale segment can never reach outside a mapping. */
+    if (!mem || s->region >= mem->nregions || s->region >= VU_MAX_REGIONS)
+        return NULL;
+    r = &mem->regions[s->region];
+    if (!r->host || s->offset > r->size || r->size - s->offset < s->len)
+        return NULL;
+    return r->host + s->offset;
+}
+
+/* Copy the first `want` device-readable bytes of a chain to dst. */
+static uint32_t gather(const struct vu_mem *mem, const struct vu_seg *segs, uint32_t nsegs,
+                       uint8_t *dst, uint32_t want)
+{
+    uint32_t done = 0;
+
+    for (uint32_t i = 0; i < nsegs && done < want; i++) {
+        const uint8_t *src;
+        uint32_t n;
+
+        if (segs[i].flags & VU_SEG_WRITE)
+            break;                          /* readable segments come first */
+        src = seg_host(mem, &segs[i]);
+        if (!src)
+            break;
+        n = segs[i].len < want - done ? segs[i].len : want - done;
+        memcpy(dst + done, src, n);
+        done += n;
+    }
+    return done;
+}
+
+/*
+ * Write n bytes of src into the device-writable segments of a chain.  The
+ * bytes are at offset `base` of the frame being delivered (header
+ * included); if mark is not NULL, the host addresses where frame bytes
+ * MRG_NUM_BUFFERS_OFF and +1 land are stored there (to patch num_buffers
+ * once the number of buffers is known; a header may span buffers).
+ */
+static uint32_t scatter(const struct vu_mem *mem, const struct vu_seg *segs, uint32_t nsegs,
+                        const uint8_t *src, uint32_t n, uint32_t base, uint8_t **mark)
+{
+    uint32_t done = 0;
+
+    for (uint32_t i = 0; i < nsegs && done < n; i++) {
+        uint8_t *dst;
+        uint32_t k;
+
+        if (!(segs[i].flags & VU_SEG_WRITE))
+            continue;
+        dst = seg_host(mem, &segs[i]);
+        if (!dst)
+            break;
+        k = segs[i].len < n - done ? segs[i].len : n - done;
+        if (mark) {
+            for (uint32_t b = 0; b < 2; b++) {
+                uint32_t at = MRG_NUM_BUFFERS_OFF + b;
+                if (at >= base + done && at < base + done + k)
+                    mark[b] = dst + (at - base - done);
+            }
+        }
+        memcpy(dst, src + done, k);
+        done += k;
+    }
+    return done;
+}
+
+static inline void notify(struct vu_vring *vr, int32_t fd, struct vu_net_stats *st)
+{
+    static const uint64_t one = 1;
+
+    if (fd < 0 || vu_vring_need_notify(vr) <= 0)
+        return;
+    /* EAGAIN: the counter is saturated, the guest is being signalled. */
+    if (write(fd, &one, sizeof one) == (ssize_t)sizeof one)
+        st->notifies++;
+}
+
+static inline int ring_usable(const struct vu_vring *vr)
+{
+    return vr && vr->num != 0;
+}
+
+/* Give back the last n chains popped from vr (none was published). */
+static void rewind_avail(struct vu_vring *vr, uint32_t n)
+{
+    if (!n)
+        return;
+    vr->last_avail_idx = (uint16_t)(vr->last_avail_idx - n);
+    /* vu_vring_pop moved avail_event past them; put it back. */
+    if (vr->event_idx && vr->notification)
+        vu_vring_set_notification(vr, 1);
+}
+
+static void rx_publish(struct vu_net_port *p, uint32_t q)
+{
+    struct vu_vring *vr = p->rx[q];
+    uint32_t n = p->rx_pending[q];
+
+    p->rx_pending[q] = 0;
+    if (!n || !ring_usable(vr))
+        return;
+    vu_vring_push(vr, p->rx_used[q], n);
+}
+
+/* Publish every pending receive batch and signal where the guest wants it. */
+static void rx_flush(struct vu_net_switch *sw)
+{
+    uint32_t np = sw->nports < VU_NET_MAX_PORTS ? sw->nports : VU_NET_MAX_PORTS;
+
+    for (uint32_t i = 0; i < np; i++) {
+        struct vu_net_port *p = sw->ports[i];
+        uint32_t nq;
+
+        if (!p || p->kind != VU_NET_PORT_VHOST)
+            continue;
+        nq = p->nqp < VU_NET_MAX_QP ? p->nqp : VU_NET_MAX_QP;
+        for (uint32_t q = 0; q < nq; q++) {
+            if (!p->rx_pending[q])
+                continue;
+            rx_publish(p, q);
+            if (ring_usable(p->rx[q]))
+                notify(p->rx[q], p->rx_call[q], &p->stats);
+        }
+    }
+}
+
+/* ------------------------------------------------------------ fdb */
+
+static inline uint32_t mac_hash(const uint8_t *m)
+{
+    uint32_t h = ((uint32_t)m[0] << 8 | m[1]) * 0x9E3779B1u;
+
+    h ^= (uint32_t)m[2] << 24 | (uint32_t)m[3] << 16 | (uint32_t)m[4] << 8 | m[5];
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    return h & (VU_NET_FDB_SIZE - 1);
+}
+
+static void fdb_learn(struct vu_net_switch *sw, const uint8_t *mac, uint32_t port)
+{
+    struct vu_net_fdb_entry *e;
+
+    if (mac[0] & 1)                         /* group addresses are never sources */
+        return;
+    e = &sw->fdb[mac_hash(mac)];
+    if (e->port == port + 1 && memcmp(e->mac, mac, 6) == 0)
+        return;
+    memcpy(e->mac, mac, 6);
+    e->port = (uint16_t)(port + 1);
+    sw->learned++;
+}
+
+int vu_net_fdb_lookup(const struct vu_net_switch *sw, const uint8_t *mac)
+{
+    const struct vu_net_fdb_entry *e = &sw->fdb[mac_hash(mac)];
+
+    if (e->port && memcmp(e->mac, mac, 6) == 0)
+        return e->port - 1;
+    return -1;
+}
+
+void vu_net_fdb_flush_port(struct vu_net_switch *sw, uint32_t port)
+{
+    for (uint32_t i = 0; i < VU_NET_FDB_SIZE; i++)
+        if (sw->fdb[i].port == port + 1)
+            sw->fdb[i].port = 0;
+}
+
+/* ------------------------------------------------------------ pcap */
+
+static void pcap_record(struct vu_net_switch *sw, const uint8_t *frame, uint32_t len)
+{
+    uint32_t incl = len < sw->pcap_snaplen ? len : sw->pcap_snaplen;
+    uint32_t rec[4];
+    struct timespec ts;
+
+    if (!sw->pcap)
+        return;
+    if (sw->pcap_len > sw->pcap_cap || sw->pcap_cap - sw->pcap_len < VU_NET_PCAP_REC_HDR + (uint64_t)incl) {
+        sw->pcap_dropped++;
+        return;
+    }
+    clock_gettime(CLOCK_REALTIME, &ts);
+    rec[0] = (uint32_t)ts.tv_sec;
+    rec[1] = (uint32_t)(ts.tv_nsec / 1000);
+    rec[2] = incl;
+    rec[3] = len;
+    /* pcap records are in the writer's byte order; the global header's
+     * magic tells readers which (Python writes it natively too). */
+    memcpy(sw->pcap + sw->pcap_len, rec, sizeof rec);
+    memcpy(sw->pcap + sw->pcap_len + sizeof rec, frame, incl);
+    sw->pcap_len += sizeof rec + incl;
+    sw->pcap_records++;
+}
+
+/* ------------------------------------------------------------ headers */
+
+/* struct virtio_net_hdr, parsed (virtio spec 5.1.6). */
+struct vnet_hdr {
+    uint8_t flags;
+    uint8_t gso_type;
+    uint16_t hdr_len;
+    uint16_t gso_size;
+    uint16_t csum_start;
+    uint16_t csum_offset;
+};
+
+static inline uint16_t rd16le(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static inline uint16_t rd16be(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static inline uint32_t rd32be(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static inline void wr16le(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
+static inline void wr16be(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+static inline void wr32be(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
+}
+
+static void parse_hdr(const uint8_t *p, struct vnet_hdr *h)
+{
+    h->flags = p[0];
+    h->gso_type = p[1];
+    h->hdr_len = rd16le(p + 2);
+    h->gso_size = rd16le(p + 4);
+    h->csum_start = rd16le(p + 6);
+    h->csum_offset = rd16le(p + 8);
+}
+
+static inline uint32_t gso_need(uint8_t gso_type)
+{
+    return gso_type == VU_NET_HDR_GSO_TCPV4 ? VU_NET_OFF_TSO4 : VU_NET_OFF_TSO6;
+}
+
+/* May port `offloads` send a frame with this header of len bytes? */
+static int header_ok(const struct vnet_hdr *h, uint32_t offloads, uint32_t len)
+{
+    if (h->flags & VU_NET_HDR_F_NEEDS_CSUM) {
+        if (!(offloads & VU_NET_OFF_CSUM))
+            return 0;
+        if ((uint32_t)h->csum_start + h->csum_offset + 2 > len)
+            return 0;
+    }
+    if (h->gso_type == VU_NET_HDR_GSO_NONE)
+        return 1;
+    if (h->gso_type != VU_NET_HDR_GSO_TCPV4 && h->gso_type != VU_NET_HDR_GSO_TCPV6)
+        return 0;                           /* UDP, ECN: never offered */
+    return (offloads & gso_need(h->gso_type)) && h->gso_size != 0 &&
+           (h->flags & VU_NET_HDR_F_NEEDS_CSUM);
+}
+
+/* ------------------------------------------------------------ checksums */
+
+static uint64_t csum_add(uint64_t sum, const uint8_t *p, uint32_t n)
+{
+    while (n >= 2) {
+        sum += rd16be(p);
+        p += 2;
+        n -= 2;
+    }
+    if (n)
+        sum += (uint32_t)p[0] << 8;
+    return sum;
+}
+
+static uint16_t csum_fold(uint64_t sum)
+{
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)~sum;
+}
+
+/* NEEDS_CSUM: the checksum over [csum_start, len) (the field already holds
+ * the pseudo-header sum) goes to csum_start + csum_offset (Linux
+ * skb_checksum_help, including its 0 -> 0xffff). */
+static void csum_complete(uint8_t *frame, uint32_t len, const struct vnet_hdr *h)
+{
+    uint8_t *field = frame + h->csum_start + h->csum_offset;
+    uint16_t c = csum_fold(csum_add(0, frame + h->csum_start, len - h->csum_start));
+
+    wr16be(field, c ? c : 0xffff);
+}
+
+/* ------------------------------------------------------------ delivery */
+
+/* Which receive queue of d takes a frame that came from queue pair src_qp:
+ * the same pair number modulo d's pairs (keeps each sending queue's frames
+ * in order), else the first running one.  -1: none. */
+static int pick_rx(const struct vu_net_port *d, uint32_t src_qp)
+{
+    uint32_t n = d->nqp < VU_NET_MAX_QP ? d->nqp : VU_NET_MAX_QP;
+
+    if (!n)
+        return -1;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t q = (src_qp + k) % n;
+        if (ring_usable(d->rx[q]))
+            return (int)q;
+    }
+    return -1;
+}
+
+/* The header a destination gets: the source's, less what it may not see. */
+static void put_hdr(uint8_t *p, const struct vnet_hdr *h, uint32_t rx_offloads)
+{
+    uint8_t flags = h->flags;
+
+    if (!(rx_offloads & VU_NET_OFF_CSUM))
+        flags &= (uint8_t)~VU_NET_HDR_F_DATA_VALID;
+    p[0] = flags;
+    p[1] = h->gso_type;
+    wr16le(p + 2, h->hdr_len);
+    wr16le(p + 4, h->gso_size);
+    wr16le(p + 6, h->csum_start);
+    wr16le(p + 8, h->csum_offset);
+}
+
+/* Deliver frame (len bytes, VU_NET_HDR_MAX bytes of headroom before it)
+ * into receive buffers of vhost port d. */
+static int deliver_vhost(struct vu_net_switch *sw, struct vu_net_port *d, uint32_t src_qp,
+                         uint8_t *frame, uint32_t len, const struct vnet_hdr *h)
+{
+    struct vu_used_elem used[RX_BATCH];
+    uint8_t *mark[2] = { NULL, NULL };
+    uint32_t hdr_len = d->hdr_len == 10 ? 10 : VU_NET_HDR_MAX;
+    uint8_t *src = frame - hdr_len;
+    uint32_t need = hdr_len + len, have = 0, nchains = 0, cap;
+    struct vu_vring *vr;
+    int q = pick_rx(d, src_qp);
+
+    if (q < 0)
+        return VU_NET_DROP_NO_BUFFER;
+    vr = d->rx[q];
+    if (vr->broken)
+        return VU_NET_DROP_RING_ERROR;
+    put_hdr(src, h, d->rx_offloads);
+    if (hdr_len == VU_NET_HDR_MAX)
+        wr16le(src + MRG_NUM_BUFFERS_OFF, 1);   /* patched below */
+
+    while (have < need) {
+        uint32_t nc = 0, ns = 0, took, want;
+        int rc;
+
+        if (nchains == RX_BATCH) {
+            rewind_avail(vr, nchains);
+            return VU_NET_DROP_RX_TOO_SMALL;
+        }
+        rc = vu_vring_pop(vr, d->mem, sw->rx_chains, 1, sw->rx_segs, VU_NET_SEGS, &nc, &ns);
+        if (rc < 0)
+            return VU_NET_DROP_RING_ERROR;  /* the ring is broken now; Python reports it */
+        if (nc == 0) {
+            rewind_avail(vr, nchains);
+            return VU_NET_DROP_NO_BUFFER;
+        }
+        if (sw->rx_chains[0].out_len != 0) {
+            /* Not a receive buffer.  It stays at the head of the ring and
+             * every frame for this queue is dropped (and counted) until
+             * the driver resets the device. */
+            rewind_avail(vr, nchains + 1);
+            return VU_NET_DROP_BAD_RX_BUFFER;
+        }
+        if (!d->mrg_rxbuf && sw->rx_chains[0].in_len < need) {
+            rewind_avail(vr, 1);
+            return VU_NET_DROP_RX_TOO_SMALL;
+        }
+        want = sw->rx_chains[0].in_len < need - have ? sw->rx_chains[0].in_len : need - have;
+        took = scatter(d->mem, sw->rx_segs + sw->rx_chains[0].first_seg, sw->rx_chains[0].nsegs,
+                       src + have, want, have, hdr_len == VU_NET_HDR_MAX ? mark : NULL);
+        used[nchains].id = sw->rx_chains[0].head;
+        used[nchains].len = took;
+        nchains++;
+        have += took;
+        if (took != want || (!took && have < need)) {
+            /* Segments that do not fit the memory table (cannot happen
+             * for segments just validated), or a chain of zero-length
+             * buffers in a mergeable ring: give up on this frame. */
+            rewind_avail(vr, nchains);
+            return took != want ? VU_NET_DROP_RING_ERROR : VU_NET_DROP_RX_TOO_SMALL;
+        }
+        if (!d->mrg_rxbuf)
+            break;
+    }
+    if (nchains > 1 && mark[0] && mark[1]) {
+        *mark[0] = (uint8_t)(nchains & 0xff);
+        *mark[1] = (uint8_t)(nchains >> 8);
+    }
+
+    /* All of a frame's buffers go out in one publication. */
+    cap = vr->num < RX_BATCH ? vr->num : RX_BATCH;
+    if (d->rx_pending[q] + nchains > cap)
+        rx_publish(d, (uint32_t)q);
+    memcpy(&d->rx_used[q][d->rx_pending[q]], used, nchains * sizeof used[0]);
+    d->rx_pending[q] += nchains;
+    d->stats.rx_buffers += nchains;
+    return -1;
+}
+
+static int deliver_fd(struct vu_net_port *d, uint8_t *frame, uint32_t len, const struct vnet_hdr *h)
+{
+    uint8_t *src = frame - VU_NET_HDR_MAX;
+    ssize_t n;
+
+    put_hdr(src, h, d->rx_offloads);
+    wr16le(src + MRG_NUM_BUFFERS_OFF, 0);
+    do {
+        n = write(d->fd, src, VU_NET_HDR_MAX + (size_t)len);
+    } while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)(VU_NET_HDR_MAX + len)) {
+        d->fd_errno = n < 0 ? errno : EIO;
+        return VU_NET_DROP_FD_ERROR;
+    }
+    return -1;
+}
+
+/* Deliver one frame or segment as it is; counts it on d. */
+static void deliver_one(struct vu_net_switch *sw, struct vu_net_port *d, uint32_t src_qp,
+                        uint8_t *frame, uint32_t len, const struct vnet_hdr *h)
+{
+    int drop;
+
+    if (d->kind == VU_NET_PORT_VHOST)
+        drop = deliver_vhost(sw, d, src_qp, frame, len, h);
+    else if (d->kind == VU_NET_PORT_FD)
+        drop = deliver_fd(d, frame, len, h);
+    else
+        drop = VU_NET_DROP_NO_BUFFER;
+    if (drop >= 0) {
+        d->stats.drops[drop]++;
+        return;
+    }
+    d->stats.rx_packets++;
+    d->stats.rx_bytes += len;
+}
+
+/* ------------------------------------------------------------ segmentation */
+
+/* Where the headers of a TCP GSO frame are. */
+struct gso_layout {
+    uint32_t l3, l4, hdrs;                  /* IP header, TCP header, payload offsets */
+    int ipv4;
+};
+
+static int gso_parse(const uint8_t *f, uint32_t len, const struct vnet_hdr *h, struct gso_layout *g)
+{
+    uint32_t l3 = ETH_HLEN;
+    uint16_t type = rd16be(f + 12);
+
+    if (type == ETH_P_VLAN) {
+        if (len < ETH_HLEN + 4)
+            return -1;
+        type = rd16be(f + 16);
+        l3 += 4;
+    }
+    g->l3 = l3;
+    if (h->gso_type == VU_NET_HDR_GSO_TCPV4) {
+        uint32_t ihl;
+        if (type != ETH_P_IPV4 || len < l3 + 20 || (f[l3] >> 4) != 4)
+            return -1;
+        ihl = (uint32_t)(f[l3] & 0xf) * 4;
+        if (ihl < 20 || f[l3 + 9] != IPPROTO_TCP_)
+            return -1;
+        g->l4 = l3 + ihl;
+        g->ipv4 = 1;
+    } else {
+        /* No extension headers: Linux only offloads plain TCP/IPv6. */
+        if (type != ETH_P_IPV6 || len < l3 + 40 || (f[l3] >> 4) != 6 || f[l3 + 6] != IPPROTO_TCP_)
+            return -1;
+        g->l4 = l3 + 40;
+        g->ipv4 = 0;
+    }
+    if (len < g->l4 + 20)
+        return -1;
+    g->hdrs = g->l4 + (uint32_t)(f[g->l4 + 12] >> 4) * 4;
+    if (g->hdrs < g->l4 + 20 || g->hdrs > len)
+        return -1;
+    return 0;
+}
+
+/* Build segment k (payload [off, off + n)) of the GSO frame f into out
+ * (headers, then the payload) with every length, id, sequence number,
+ * flag and checksum fixed; returns its length. */
+static uint32_t gso_segment(const uint8_t *f, const struct gso_layout *g, uint32_t off, uint32_t n,
+                            uint32_t k, int last, uint8_t *out)
+{
+    uint8_t *ip = out + g->l3, *tcp = out + g->l4;
+    uint32_t tcp_len = g->hdrs - g->l4 + n;
+    uint64_t sum;
+
+    memcpy(out, f, g->hdrs);
+    memcpy(out + g->hdrs, f + g->hdrs + off, n);
+    if (g->ipv4) {
+        uint32_t ihl = g->l4 - g->l3;
+        wr16be(ip + 2, (uint16_t)(ihl + tcp_len));
+        wr16be(ip + 4, (uint16_t)(rd16be(f + g->l3 + 4) + k));
+        wr16be(ip + 10, 0);
+        wr16be(ip + 10, csum_fold(csum_add(0, ip, ihl)));
+        sum = csum_add(0, ip + 12, 8);      /* source and destination */
+    } else {
+        wr16be(ip + 4, (uint16_t)tcp_len);
+        sum = csum_add(0, ip + 8, 32);
+    }
+    sum += IPPROTO_TCP_ + tcp_len;
+    wr32be(tcp + 4, rd32be(f + g->l4 + 4) + off);
+    if (!last)
+        tcp[13] &= (uint8_t)~(TCP_FIN | TCP_PSH);
+    if (k)
+        tcp[13] &= (uint8_t)~TCP_CWR;
+    wr16be(tcp + 16, 0);
+    wr16be(tcp + 16, csum_fold(csum_add(sum, tcp, tcp_len)));
+    return g->hdrs + n;
+}
+
+/* Cut the GSO frame into segments for the ports in dsts (which cannot take
+ * it whole).  Returns 0, or -1 if the frame cannot be segmented. */
+static int deliver_segmented(struct vu_net_switch *sw, struct vu_net_port **dsts, uint32_t ndst,
+                             uint32_t src_qp, uint8_t *frame, uint32_t len, const struct vnet_hdr *h)
+{
+    static const struct vnet_hdr plain;     /* complete checksums, no GSO */
+    uint8_t *out = sw->seg_scratch + VU_NET_HDR_MAX;
+    struct gso_layout g;
+    uint32_t payload, k = 0;
+
+    if (gso_parse(frame, len, h, &g) < 0)
+        return -1;
+    payload = len - g.hdrs;
+    /* A tiny gso_size would turn one frame into tens of thousands. */
+    if (payload / h->gso_size > GSO_MAX_SEGS)
+        return -1;
+    sw->segmented++;
+    for (uint32_t off = 0; off < payload || (off == 0 && payload == 0); off += h->gso_size, k++) {
+        uint32_t n = payload - off < h->gso_size ? payload - off : h->gso_size;
+        uint32_t seg_len = gso_segment(frame, &g, off, n, k, off + n >= payload, out);
+
+        for (uint32_t i = 0; i < ndst; i++) {
+            if (seg_len > dsts[i]->max_frame) {
+                dsts[i]->stats.drops[VU_NET_DROP_TOO_BIG]++;
+                continue;
+            }
+            deliver_one(sw, dsts[i], src_qp, out, seg_len, &plain);
+            dsts[i]->stats.rx_segments++;
+        }
+        if (payload == 0)
+            break;
+    }
+    return 0;
+}
+
+/* Deliver to every port in dsts: as is where its rx_offloads allow,
+ * resolved in software elsewhere. */
+static void deliver_all(struct vu_net_switch *sw, struct vu_net_port *src, struct vu_net_port **dsts,
+                        uint32_t ndst, uint32_t src_qp, uint8_t *frame, uint32_t len, struct vnet_hdr *h)
+{
+    struct vu_net_port *seg[VU_NET_MAX_PORTS];
+    uint32_t nseg = 0;
+
+    for (uint32_t i = 0; i < ndst; i++) {
+        struct vu_net_port *d = dsts[i];
+
+        if (h->gso_type != VU_NET_HDR_GSO_NONE) {
+            if (!(d->rx_offloads & gso_need(h->gso_type))) {
+                seg[nseg++] = d;
+                continue;
+            }
+            if (len > VU_NET_FRAME_MAX) {
+                d->stats.drops[VU_NET_DROP_TOO_BIG]++;
+                continue;
+            }
+        } else {
+            if (len > d->max_frame) {
+                d->stats.drops[VU_NET_DROP_TOO_BIG]++;
+                continue;
+            }
+            if ((h->flags & VU_NET_HDR_F_NEEDS_CSUM) && !(d->rx_offloads & VU_NET_OFF_CSUM)) {
+                /* Complete it once, in place: ports that took the partial
+                 * frame already have their copy, later ones get it whole. */
+                csum_complete(frame, len, h);
+                h->flags &= (uint8_t)~VU_NET_HDR_F_NEEDS_CSUM;
+                h->flags |= VU_NET_HDR_F_DATA_VALID;
+                h->csum_start = h->csum_offset = 0;
+                d->stats.rx_csum++;
+            }
+        }
+        deliver_one(sw, d, src_qp, frame, len, h);
+    }
+    if (nseg && deliver_segmented(sw, seg, nseg, src_qp, frame, len, h) < 0)
+        src->stats.drops[VU_NET_DROP_BAD_GSO]++;
+}
+
+/* ------------------------------------------------------------ switching */
+
+static inline struct vu_net_port *port_at(const struct vu_net_switch *sw, uint32_t i)
+{
+    if (i >= sw->nports || i >= VU_NET_MAX_PORTS)
+        return NULL;
+    return sw->ports[i];
+}
+
+/* Switch the frame at scratch + VU_NET_HDR_MAX (len bytes) that port src
+ * sent from queue pair src_qp with header h (checked). */
+static void switch_frame(struct vu_net_switch *sw, uint32_t src, uint32_t src_qp, uint32_t len,
+                         struct vnet_hdr *h)
+{
+    struct vu_net_port *s = sw->ports[src];
+    struct vu_net_port *dsts[VU_NET_MAX_PORTS];
+    uint8_t *frame = sw->scratch + VU_NET_HDR_MAX;
+    uint32_t ndst = 0;
+    int dst;
+
+    if (len < ETH_HLEN) {
+        s->stats.drops[VU_NET_DROP_RUNT]++;
+        return;
+    }
+    /* A GSO frame is as big as the payload the guest handed over (64 KiB
+     * at most); its segments must fit the MTU. */
+    if (len > VU_NET_FRAME_MAX || (h->gso_type == VU_NET_HDR_GSO_NONE && len > s->max_frame) ||
+        (h->gso_type != VU_NET_HDR_GSO_NONE && h->gso_size > s->max_frame)) {
+        s->stats.drops[VU_NET_DROP_TOO_BIG]++;
+        return;
+    }
+    if (h->gso_type != VU_NET_HDR_GSO_NONE)
+        s->stats.tx_gso++;
+    pcap_record(sw, frame, len);
+
+    if (sw->mode == VU_NET_MODE_SINK) {
+        s->stats.drops[VU_NET_DROP_SINK]++;
+        return;
+    }
+    if (sw->mode == VU_NET_MODE_REFLECT) {
+        uint8_t tmp[6];
+        memcpy(tmp, frame, 6);
+        memcpy(frame, frame + 6, 6);
+        memcpy(frame + 6, tmp, 6);
+        dsts[0] = s;
+        deliver_all(sw, s, dsts, 1, src_qp, frame, len, h);
+        return;
+    }
+
+    fdb_learn(sw, frame + 6, src);
+    dst = (frame[0] & 1) ? -1 : vu_net_fdb_lookup(sw, frame);
+    if (dst >= 0) {
+        struct vu_net_port *d = port_at(sw, (uint32_t)dst);
+        if ((uint32_t)dst == src || !d) {
+            s->stats.drops[VU_NET_DROP_NO_DEST]++;
+            return;
+        }
+        dsts[ndst++] = d;
+    } else {
+        for (uint32_t i = 0; i < sw->nports && i < VU_NET_MAX_PORTS; i++) {
+            struct vu_net_port *d = sw->ports[i];
+            if (i != src && d && d->kind != VU_NET_PORT_NONE)
+                dsts[ndst++] = d;
+        }
+        if (!ndst) {
+            s->stats.drops[VU_NET_DROP_NO_DEST]++;
+            return;
+        }
+        sw->flooded++;
+    }
+    deliver_all(sw, s, dsts, ndst, src_qp, frame, len, h);
+}
+
+/* ------------------------------------------------------------ entry points */
+
+static int tx_one_ring(struct vu_net_switch *sw, uint32_t port, uint32_t qp, uint32_t budget)
+{
+    struct vu_net_port *p = sw->ports[port];
+    struct vu_vring *tx = p->tx[qp];
+    uint32_t hdr_len = p->hdr_len == 10 ? 10 : VU_NET_HDR_MAX;
+    uint8_t *hdr = sw->scratch + VU_NET_HDR_MAX - hdr_len;
+    uint32_t total = 0;
+    int err = 0;
+
+    if (!ring_usable(tx))
+        return 0;
+    for (;;) {
+        uint32_t want = TX_BATCH, nc = 0, ns = 0;
+        int rc;
+
+        if (budget) {
+            if (total >= budget)
+                break;
+            if (budget - total < want)
+                want = budget - total;
+        }
+        rc = vu_vring_pop(tx, p->mem, sw->chains, want, sw->segs, VU_NET_SEGS, &nc, &ns);
+        for (uint32_t i = 0; i < nc; i++) {
+            const struct vu_chain *c = &sw->chains[i];
+            struct vnet_hdr h;
+            uint32_t flen;
+
+            sw->tx_used[i].id = c->head;
+            sw->tx_used[i].len = 0;
+            p->stats.tx_packets++;
+            if (c->out_len < hdr_len) {
+                p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
+                continue;
+            }
+            flen = c->out_len - hdr_len;
+            if (flen > VU_NET_FRAME_MAX) {
+                p->stats.drops[VU_NET_DROP_TOO_BIG]++;
+                continue;
+            }
+            if (gather(p->mem, sw->segs + c->first_seg, c->nsegs, hdr, c->out_len) != c->out_len) {
+                p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
+                continue;
+            }
+            p->stats.tx_bytes += flen;
+            parse_hdr(hdr, &h);
+            if (!header_ok(&h, p->tx_offloads, flen)) {
+                p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
+                continue;
+            }
+            switch_frame(sw, port, qp, flen, &h);
+        }
+        if (nc)
+            vu_vring_push(tx, sw->tx_used, nc);
+        /* Publish what was received per batch: the receiving side
+         * (another CPU) refills its ring while we go on. */
+        rx_flush(sw);
+        total += nc;
+        if (rc < 0) {
+            err = rc;
+            break;
+        }
+        if (nc == 0)
+            break;
+    }
+    rx_flush(sw);
+    if (total)
+        notify(tx, p->tx_call[qp], &p->stats);
+    return err ? err : (int)total;
+}
+
+int vu_net_tx_burst(struct vu_net_switch *sw, uint32_t port, uint32_t qp, uint32_t budget)
+{
+    struct vu_net_port *p = port_at(sw, port);
+
+    if (!p || p->kind != VU_NET_PORT_VHOST || qp >= p->nqp || qp >= VU_NET_MAX_QP)
+        return VU_NET_ERR_PORT;
+    return tx_one_ring(sw, port, qp, budget);
+}
+
+int vu_net_fd_rx(struct vu_net_switch *sw, uint32_t port, uint32_t budget)
+{
+    struct vu_net_port *p = port_at(sw, port);
+    uint32_t total = 0;
+    int err = 0;
+
+    if (!p || p->kind != VU_NET_PORT_FD)
+        return VU_NET_ERR_PORT;
+    while (!budget || total < budget) {
+        ssize_t n = read(p->fd, sw->scratch, VU_NET_HDR_MAX + VU_NET_FRAME_MAX);
+        struct vnet_hdr h;
+        uint32_t flen;
+
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                p->fd_errno = errno;
+                err = VU_NET_ERR_IO;
+            }
+            break;
+        }
+        if (n == 0)
+            break;
+        total++;
+        p->stats.tx_packets++;
+        if ((size_t)n < VU_NET_HDR_MAX) {
+            p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
+            continue;
+        }
+        flen = (uint32_t)n - VU_NET_HDR_MAX;
+        p->stats.tx_bytes += flen;
+        parse_hdr(sw->scratch, &h);
+        if (!header_ok(&h, p->tx_offloads, flen)) {
+            p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
+            continue;
+        }
+        switch_frame(sw, port, 0, flen, &h);
+        /* Publish as we go: a tap can deliver frames for a long time. */
+        if ((total & (VU_NET_BATCH - 1)) == 0)
+            rx_flush(sw);
+    }
+    rx_flush(sw);
+    return err ? err : (int)total;
+}
+
+int vu_net_poll(struct vu_net_switch *sw, uint32_t budget)
+{
+    int total = 0;
+
+    for (uint32_t i = 0; i < sw->nports && i < VU_NET_MAX_PORTS; i++) {
+        struct vu_net_port *p = sw->ports[i];
+        int n;
+
+        if (!p)
+            continue;
+        if (p->kind == VU_NET_PORT_VHOST) {
+            uint32_t nq = p->nqp < VU_NET_MAX_QP ? p->nqp : VU_NET_MAX_QP;
+            for (uint32_t q = 0; q < nq; q++) {
+                n = tx_one_ring(sw, i, q, budget);
+                if (n > 0)
+                    total += n;
+            }
+        } else if (p->kind == VU_NET_PORT_FD) {
+            n = vu_net_fd_rx(sw, i, budget);
+            if (n > 0)
+                total += n;
+        }
+    }
+    return total;
+}
+
+int vu_net_inject(struct vu_net_switch *sw, uint32_t port, const uint8_t *frame, uint32_t len)
+{
+    struct vu_net_port *p = port_at(sw, port);
+    struct vnet_hdr h;
+
+    if (!p || len > VU_NET_FRAME_MAX)
+        return VU_NET_ERR_PORT;
+    memset(&h, 0, sizeof h);
+    memcpy(sw->scratch + VU_NET_HDR_MAX, frame, len);
+    p->stats.tx_packets++;
+    p->stats.tx_bytes += len;
+    switch_frame(sw, port, 0, len, &h);
+    rx_flush(sw);
+    return 0;
+}
