@@ -134,7 +134,7 @@ static int walk_chain(const struct vu_vring *vr, const struct vu_mem *mem, uint1
     uint32_t max = vr->num;
     uint32_t i = head;
     uint32_t visited = 0;
-    uint32_t nsegs = 0;
+    uint32_t nsegs = 0, nread = 0;
     uint64_t out_len = 0, in_len = 0;
     int indirect = 0, seen_write = 0;
 
@@ -197,6 +197,7 @@ static int walk_chain(const struct vu_vring *vr, const struct vu_mem *mem, uint1
                 segs[nsegs].len = (uint32_t)piece;
                 segs[nsegs].region = (uint16_t)r;
                 segs[nsegs].flags = (d.flags & VU_DESC_F_WRITE) ? VU_SEG_WRITE : 0;
+                nread += !(d.flags & VU_DESC_F_WRITE);
                 nsegs++;
                 gpa += piece;
                 rem -= piece;
@@ -213,6 +214,7 @@ static int walk_chain(const struct vu_vring *vr, const struct vu_mem *mem, uint1
     out->head = head;
     out->reserved = 0;
     out->nsegs = nsegs;
+    out->nread = nread;
     out->out_len = (uint32_t)out_len;
     out->in_len = (uint32_t)in_len;
     return 0;

@@ -117,8 +117,8 @@ struct vu_vring {
 };
 
 /* One piece of a buffer: region index, offset in that region, length.
- * A chain's segments are segs[first_seg, first_seg + nsegs), readable
- * ones first. */
+ * A chain's segments are segs[first_seg, first_seg + nsegs): the first
+ * nread are device-readable, the rest device-writable. */
 struct vu_seg {
     uint64_t offset;
     uint32_t len;
@@ -129,6 +129,7 @@ struct vu_seg {
 struct vu_chain {
     uint32_t first_seg;
     uint32_t nsegs;
+    uint32_t nread;                /* device-readable segments (they come first) */
     uint32_t out_len;              /* device-readable bytes */
     uint32_t in_len;               /* device-writable bytes */
     uint16_t head;                 /* the id to give back in the used ring */

@@ -163,6 +163,16 @@ def test_replace_is_atomic(mem: GuestMemory) -> None:
     assert [r.size for r in mem.regions] == [PAGE, 2 * PAGE]
 
 
+def test_same_fd_twice_is_owned_twice(mem: GuestMemory) -> None:
+    """Each region owns a distinct fd, so no close can hit another file."""
+    fd = memfd(4 * PAGE)
+    mem.replace([(fd, RegionSpec(0, PAGE, 0, 0)), (fd, RegionSpec(0x10000, PAGE, 0, 2 * PAGE))])
+    a, b = mem.regions
+    assert a.fd == fd and b.fd != fd and os.path.samestat(os.fstat(a.fd), os.fstat(b.fd))
+    mem.remove_region(RegionSpec(0, PAGE, 0, 0))
+    assert is_closed(fd) and not is_closed(b.fd)
+
+
 def test_clear_then_reuse(mem: GuestMemory) -> None:
     fds = [memfd(PAGE) for _ in range(3)]
     for i, fd in enumerate(fds):

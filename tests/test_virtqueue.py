@@ -383,7 +383,7 @@ def test_raw_batch_api(mem: GuestMemory) -> None:
     rc, nc, ns = vq.pop_raw(8)
     assert (rc, nc, ns) == (0, 2, 3)
     c0, c1 = vq.chain_buffer[0], vq.chain_buffer[1]
-    assert (c0.head, c0.first_seg, c0.nsegs, c0.out_len, c0.in_len) == (0, 0, 2, 8, 16)
+    assert (c0.head, c0.first_seg, c0.nsegs, c0.nread, c0.out_len, c0.in_len) == (0, 0, 2, 1, 8, 16)
     assert (c1.head, c1.first_seg, c1.nsegs) == (2, 2, 1)
     s = vq.seg_buffer[1]
     assert (s.region, s.offset, s.len, s.flags) == (1, 0, 16, lib.VU_SEG_WRITE)

@@ -162,7 +162,7 @@ class GuestMemory:
 
     def add_region(self, fd: int, spec: RegionSpec) -> None:
         """ADD_MEM_REG: map one more region (takes ownership of ``fd``)."""
-        region = Region(fd, spec)
+        region = Region(self._own(fd, ()), spec)
         try:
             self._install(self._regions + (region,))
         except MemoryAccessError:
@@ -185,8 +185,8 @@ class GuestMemory:
         items = list(fds_and_specs)
         new: list[Region] = []
         try:
-            for k, (fd, spec) in enumerate(items):
-                new.append(Region(fd, spec))  # closes its fd on failure
+            for fd, spec in items:
+                new.append(Region(self._own(fd, new), spec))  # closes its fd on failure
             old = self._regions
             self._install(tuple(new))
         except BaseException:
@@ -197,6 +197,17 @@ class GuestMemory:
             raise
         for region in old:
             region.close()
+
+    def _own(self, fd: int, pending: Sequence[Region]) -> int:
+        """An fd number already held by a region (a caller passing the same
+        fd twice) is duplicated, so each region closes only its own."""
+        held = {r.fd for r in self._regions} | {r.fd for r in pending}
+        if fd not in held:
+            return fd
+        try:
+            return os.dup(fd)
+        except OSError as exc:
+            raise MemoryAccessError(f"cannot duplicate fd {fd}: {exc}") from None
 
     def clear(self) -> None:
         """Unmap everything and close every fd (disconnect, reset)."""

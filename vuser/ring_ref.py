@@ -59,8 +59,8 @@ _USED_ELEM = struct.Struct("<II")
 _U32_MAX = 0xFFFF_FFFF
 _U64 = 1 << 64
 
-# (head, first_seg, nsegs, out_len, in_len) and (region, offset, len, flags)
-ChainTuple = tuple[int, int, int, int, int]
+# (head, first_seg, nsegs, nread, out_len, in_len) and (region, offset, len, flags)
+ChainTuple = tuple[int, int, int, int, int, int]
 SegTuple = tuple[int, int, int, int]
 
 
@@ -160,7 +160,8 @@ class RefVring:
                     if not chains:
                         raise _ChainError(ERR_CHAIN_SEGS) from None
                     break
-                chains.append((head, len(segs), len(chain_segs), out_len, in_len))
+                nread = sum(1 for seg in chain_segs if not seg[3])
+                chains.append((head, len(segs), len(chain_segs), nread, out_len, in_len))
                 segs.extend(chain_segs)
                 self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
                 pending -= 1

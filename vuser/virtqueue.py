@@ -52,7 +52,7 @@ __all__ = ["Chain", "RingError", "VirtQueue", "MemoryAccessError", "native_avail
 log = logging.getLogger(__name__)
 
 # Host-order layouts of struct vu_chain and struct vu_seg (checked below).
-_CHAIN = struct.Struct("=IIIIHH")   # first_seg, nsegs, out_len, in_len, head, reserved
+_CHAIN = struct.Struct("=IIIIIHH")  # first_seg, nsegs, nread, out_len, in_len, head, reserved
 _SEG = struct.Struct("=QIHH")       # offset, len, region, flags
 _U32_MAX = 0xFFFF_FFFF
 
@@ -130,7 +130,8 @@ class VirtQueue:
         self._generation = -1
         self._stopped_at = 0
         self._areas: list[Any] = []      # ring views (+ cffi handles) keeping the rings mapped
-        self._views: list[tuple[memoryview, memoryview]] = []  # (readonly, writable) per region
+        self._ro: list[memoryview] = []  # per region: read-only view (device-readable buffers)
+        self._rw: list[memoryview] = []  # per region: writable view (device-writable buffers)
         self._seg_cap = 0
         self._ref = ring_ref.RefVring()
         self._vr: Any = None
@@ -149,7 +150,7 @@ class VirtQueue:
         """SET_VRING_NUM/ADDR/BASE: (re)start the ring with fresh state
         (used_idx is read from the used ring; errors are cleared)."""
         _check_num(num)
-        self._release_areas()
+        self._detach()
         self._params = None
         self._attach(num, desc_gpa, avail_gpa, used_gpa)
         rc = self._init(num, bool(event_idx), last_avail_idx & 0xFFFF)
@@ -165,7 +166,8 @@ class VirtQueue:
         avail = mem.gpa_view(avail_gpa, 6 + 2 * num)
         used = mem.gpa_view(used_gpa, 6 + 8 * num, writable=True)
         self._areas = [desc, avail, used]
-        self._views = [(r.readonly, r.view) for r in mem.regions]
+        self._ro = [r.readonly for r in mem.regions]
+        self._rw = [r.view for r in mem.regions]
         self._generation = mem.generation
         cap = self._max_segs_wanted or 2 * max(num, 1024)
         if self.impl == "native":
@@ -188,13 +190,17 @@ class VirtQueue:
                                           event_idx, last_avail_idx))
         return self._ref.init(num, desc, avail, used, event_idx, last_avail_idx)
 
-    def _release_areas(self) -> None:
+    def _detach(self) -> None:
+        """Forget the ring areas; the ring code will not touch memory until
+        the next init (num = 0)."""
+        self._clear_ring()
         for a in self._areas[3:]:
             _ffi.release(a)
         for a in self._areas[:3]:
             a.release()
         self._areas = []
-        self._views = []
+        self._ro = []
+        self._rw = []
 
     def _ready(self) -> bool:
         """Configured, with ring pointers valid for the current memory table."""
@@ -208,14 +214,13 @@ class VirtQueue:
         assert self._params is not None
         num, desc_gpa, avail_gpa, used_gpa, _ = self._params
         state = self._save_state()
-        self._release_areas()
+        self._detach()
         try:
             self._attach(num, desc_gpa, avail_gpa, used_gpa)
         except MemoryAccessError as exc:
             log.debug("ring no longer in guest memory after a table change: %s", exc)
             self._stopped_at = state["last_avail_idx"]
             self._params = None
-            self._clear_ring()
             return
         self._init(num, self._params[4], state["last_avail_idx"])
         self._restore_state(state)
@@ -283,8 +288,7 @@ class VirtQueue:
         idx = self.last_avail_idx
         self._stopped_at = idx
         self._params = None
-        self._release_areas()
-        self._clear_ring()
+        self._detach()
         return idx
 
     # ------------------------------------------------------------ the data path
@@ -332,35 +336,19 @@ class VirtQueue:
         nc, ns = counts[0], counts[1]
         if not nc:
             return rc, []
-        segs = list(_SEG.iter_unpack(_ffi.buffer(self.seg_buffer, _SEG.size * ns)))
-        views = self._views
-        out = []
-        for first, n, out_len, in_len, head, _ in _CHAIN.iter_unpack(
-                _ffi.buffer(self.chain_buffer, _CHAIN.size * nc)):
-            readable: list[memoryview] = []
-            writable: list[memoryview] = []
-            for off, length, region, flags in segs[first:first + n]:
-                if flags:
-                    writable.append(views[region][1][off:off + length])
-                else:
-                    readable.append(views[region][0][off:off + length])
-            out.append(Chain(head, readable, writable, out_len, in_len))
-        return rc, out
+        ro, rw = self._ro, self._rw
+        views = [(rw[r] if f else ro[r])[o:o + n]
+                 for o, n, r, f in _SEG.iter_unpack(_ffi.buffer(self.seg_buffer, _SEG.size * ns))]
+        return rc, [Chain(head, views[first:first + nread], views[first + nread:first + nsegs], out_len, in_len)
+                    for first, nsegs, nread, out_len, in_len, head, _ in
+                    _CHAIN.iter_unpack(_ffi.buffer(self.chain_buffer, _CHAIN.size * nc))]
 
     def _pop_python(self, want: int) -> tuple[int, list[Chain]]:
         rc, chains, segs = self._ref.pop(self.memory.regions, want, self._seg_cap)
-        views = self._views
-        out = []
-        for head, first, n, out_len, in_len in chains:
-            readable: list[memoryview] = []
-            writable: list[memoryview] = []
-            for region, off, length, flags in segs[first:first + n]:
-                if flags:
-                    writable.append(views[region][1][off:off + length])
-                else:
-                    readable.append(views[region][0][off:off + length])
-            out.append(Chain(head, readable, writable, out_len, in_len))
-        return rc, out
+        ro, rw = self._ro, self._rw
+        views = [(rw[r] if f else ro[r])[o:o + n] for r, o, n, f in segs]
+        return rc, [Chain(head, views[first:first + nread], views[first + nread:first + nsegs], out_len, in_len)
+                    for head, first, nsegs, nread, out_len, in_len in chains]
 
     def push(self, used: Sequence[tuple[int, int]]) -> None:
         """Return chains as (head, bytes written), publishing used->idx
