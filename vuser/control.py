@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 from typing import Any, Callable
 
 import trio
 
-from .transport import _prepare_socket_path
+from .transport import listen_unix, unlink_quietly
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +26,7 @@ MAX_REQUEST = 64 * 1024
 
 async def serve_control(path: str, handler: Handler, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    _prepare_socket_path(path)
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        await listener.bind(path)
-    finally:
-        os.umask(old)
-    listener.listen(8)
+    listener = await listen_unix(path, backlog=8)
     log.info("control socket on %s", path)
     try:
         async with trio.open_nursery() as nursery:
@@ -45,10 +36,7 @@ async def serve_control(path: str, handler: Handler, *,
                 nursery.start_soon(_client, trio.SocketStream(conn), handler)
     finally:
         listener.close()
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        unlink_quietly(path)
 
 
 async def _client(stream: trio.SocketStream, handler: Handler) -> None:

@@ -39,7 +39,7 @@ def close_fds(fds: Sequence[int]) -> None:
             pass
 
 
-def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+def take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -62,7 +62,7 @@ async def _recv_exact(sock: trio.socket.SocketType, size: int, fds: list[int]) -
     buf = bytearray()
     while len(buf) < size:
         data, ancdata, flags, _ = await sock.recvmsg(size - len(buf), _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
-        fds.extend(_take_fds(ancdata))
+        fds.extend(take_fds(ancdata))
         if flags & socket.MSG_CTRUNC:
             raise wire.WireError("message", "too many fds attached (control data truncated)")
         if not data:
@@ -122,19 +122,37 @@ def _prepare_socket_path(path: str) -> None:
     os.unlink(path)
 
 
+async def listen_unix(path: str, *, backlog: int = 1, private: bool = True) -> trio.socket.SocketType:
+    """A listening unix socket at ``path`` (a stale socket file there is
+    replaced; any other file is an error), created 0600 when ``private``."""
+    _prepare_socket_path(path)
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177) if private else None
+    try:
+        await listener.bind(path)
+        listener.listen(backlog)
+    except BaseException:
+        listener.close()
+        raise
+    finally:
+        if old_umask is not None:
+            os.umask(old_umask)
+    return listener
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 async def serve_unix(path: str, handler: ConnectionHandler, *,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Listen on ``path`` (mode 0600) and serve one front-end at a time:
     the next connection is accepted after the current one ends."""
-    _prepare_socket_path(path)
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # the socket file is created 0600
+    listener = await listen_unix(path, backlog=1)
     try:
-        await listener.bind(path)
-    finally:
-        os.umask(old_umask)
-    try:
-        listener.listen(1)
         log.info("listening on %s", path)
         task_status.started()
         while True:
@@ -148,10 +166,7 @@ async def serve_unix(path: str, handler: ConnectionHandler, *,
                 await handler(conn)
     finally:
         listener.close()
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        unlink_quietly(path)
 
 
 async def serve_client(path: str, handler: ConnectionHandler, *, max_backoff: float = 2.0,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import array
 import logging
-import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -29,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import trio
 
 from vuser import wire
+from vuser.transport import close_fds, take_fds
 from vuser.wire import Request
 
 log = logging.getLogger(__name__)
@@ -136,24 +136,6 @@ class TraceEntry:
         return bool(self.flags & wire.FLAG_NEED_REPLY)
 
 
-def close_fds(fds: Sequence[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
-            fds.extend(arr)
-    return fds
-
-
 class Channel:
     """Whole vhost-user messages over a unix stream socket, fds via SCM_RIGHTS."""
 
@@ -174,7 +156,7 @@ class Channel:
         while len(buf) < size:
             data, anc, flags, _ = await self.sock.recvmsg(size - len(buf), _FD_SPACE,
                                                           socket.MSG_CMSG_CLOEXEC)
-            fds.extend(_take_fds(anc))
+            fds.extend(take_fds(anc))
             if flags & socket.MSG_CTRUNC:
                 raise ValueError("more fds than a message may carry (control data truncated)")
             if not data:

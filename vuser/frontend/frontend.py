@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import stat
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
@@ -47,6 +46,7 @@ from vuser.frontend.memory import GuestMemory, Region
 from vuser.frontend.personality import HARNESS_PROTOCOL_FEATURES, Personality, get_personality
 from vuser.frontend.vring import DriverQueue
 from vuser.wire import ProtocolFeature as PF
+from vuser.transport import listen_unix, unlink_quietly
 from vuser.wire import Request
 
 log = logging.getLogger(__name__)
@@ -137,15 +137,10 @@ class Frontend:
         ``-chardev socket,server=on``) and run the handshake.  The socket
         file is removed once the back-end is accepted.  ``on_listening`` is
         called when the socket is ready for the back-end to connect."""
+        # A stale socket from an earlier run is replaced; QEMU's server
+        # socket is not private to its user either.
+        listener = await listen_unix(path, backlog=1, private=False)
         try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # a stale socket from an earlier run
-        except FileNotFoundError:
-            pass
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await listener.bind(path)
-            listener.listen(1)
             if on_listening is not None:
                 on_listening()
             try:
@@ -156,10 +151,7 @@ class Frontend:
                                               f"within {accept_timeout}s") from None
         finally:
             listener.close()
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            unlink_quietly(path)
         async with cls.over_socket(sock, **options) as fe:
             yield fe
 
