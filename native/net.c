@@ -387,6 +387,12 @@ static int deliver_vhost(struct vu_net_switch *sw, struct vu_net_port *d, uint32
     vr = d->rx[q];
     if (vr->broken)
         return VU_NET_DROP_RING_ERROR;
+    /* Frames that find no buffer are dropped, never held, so a kick saying
+     * buffers were added is of no use: spare the guest the exits (vhost-net
+     * keeps rx notifications off the same way).  A kick re-enables them
+     * (vuser.connection), the next frame turns them off again. */
+    if (vr->notification)
+        vu_vring_set_notification(vr, 0);
     put_hdr(src, h, d->rx_offloads);
     if (hdr_len == VU_NET_HDR_MAX)
         wr16le(src + MRG_NUM_BUFFERS_OFF, 1);   /* patched below */
@@ -840,9 +846,9 @@ int vu_net_fd_rx(struct vu_net_switch *sw, uint32_t port, uint32_t budget)
     return err ? err : (int)total;
 }
 
-int vu_net_poll(struct vu_net_switch *sw, uint32_t budget)
+static uint32_t poll_round(struct vu_net_switch *sw, uint32_t budget)
 {
-    int total = 0;
+    uint32_t total = 0;
 
     for (uint32_t i = 0; i < sw->nports && i < VU_NET_MAX_PORTS; i++) {
         struct vu_net_port *p = sw->ports[i];
@@ -855,15 +861,42 @@ int vu_net_poll(struct vu_net_switch *sw, uint32_t budget)
             for (uint32_t q = 0; q < nq; q++) {
                 n = tx_one_ring(sw, i, q, budget);
                 if (n > 0)
-                    total += n;
+                    total += (uint32_t)n;
             }
         } else if (p->kind == VU_NET_PORT_FD) {
             n = vu_net_fd_rx(sw, i, budget);
             if (n > 0)
-                total += n;
+                total += (uint32_t)n;
         }
     }
     return total;
+}
+
+static inline uint64_t now_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+int vu_net_poll(struct vu_net_switch *sw, uint32_t budget, uint32_t spin_us)
+{
+    uint64_t total = 0, idle_since = spin_us ? now_us() : 0;
+
+    for (;;) {
+        uint32_t n = poll_round(sw, budget);
+
+        total += n;
+        if (!spin_us || (budget && total >= budget))
+            break;
+        if (n) {
+            idle_since = now_us();
+        } else if (now_us() - idle_since >= spin_us) {
+            break;
+        }
+    }
+    return total > INT32_MAX ? INT32_MAX : (int)total;
 }
 
 int vu_net_inject(struct vu_net_switch *sw, uint32_t port, const uint8_t *frame, uint32_t len)

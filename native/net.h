@@ -8,8 +8,9 @@
  * optional busy-poll mode).  Frames go tx chain -> bounce buffer -> each
  * destination (rx chains of another port, one write() to a tap, the
  * sink, or back to the sender in reflect mode); used rings are published
- * once per ring per call and the call eventfd is written only when
- * vu_vring_need_notify says so.  Every guest buffer is reached through the
+ * once per batch of tx chains (32: small batches let a receiver on another
+ * CPU refill while the sender's ring is still being drained) and the call
+ * eventfd is written only when vu_vring_need_notify says so.  Every guest buffer is reached through the
  * segments vu_vring_pop validated (region index + offset + length) and
  * re-checked against the port's memory table; no guest address is used.
  *
@@ -27,7 +28,7 @@
  * Offloads: a frame may carry a partial checksum (NEEDS_CSUM) or be a TCP
  * GSO frame (up to 64 KiB, gso_size bytes of payload per segment) if its
  * port may send them (tx_offloads: the HOST_* features it negotiated; a
- * tap's TUNSETOFFLOAD).  Each destination gets it as is when its
+ * tap may send all, TUNSETOFFLOAD decides what the kernel hands over).  Each destination gets it as is when its
  * rx_offloads allow (GUEST_* features; a tap always), else resolved in
  * software: the checksum completed in place, the GSO frame cut into
  * segments with their IP and TCP headers and checksums fixed.  Anything
@@ -170,9 +171,12 @@ int vu_net_tx_burst(struct vu_net_switch *sw, uint32_t port, uint32_t qp, uint32
  * VU_NET_ERR_IO / VU_NET_ERR_PORT. */
 int vu_net_fd_rx(struct vu_net_switch *sw, uint32_t port, uint32_t budget);
 
-/* Busy-poll: every tx ring of every vhost port and every fd port once.
- * Returns the frames moved (ring errors are left in the rings' state). */
-int vu_net_poll(struct vu_net_switch *sw, uint32_t budget);
+/* Busy-poll: every tx ring of every vhost port and every fd port, in
+ * rounds, until a round finds nothing and spin_us microseconds passed
+ * since the last frame (spin_us = 0: one round), or `budget` frames
+ * (0 = no limit) were moved.  Returns the frames moved (ring errors are
+ * left in the rings' state). */
+int vu_net_poll(struct vu_net_switch *sw, uint32_t budget, uint32_t spin_us);
 
 /* Send `len` bytes (an Ethernet frame) into the switch as if port `port`
  * had sent it (SEND_RARP's announcement).  Returns 0 or VU_NET_ERR_PORT;

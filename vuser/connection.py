@@ -185,6 +185,7 @@ class Connection:
             has_config=bool(device.config_fields),
             extra_protocol_features=getattr(device, "protocol_features", 0),
             queue_num=getattr(device, "vhost_queue_num", None),
+            excluded_protocol_features=getattr(device, "excluded_protocol_features", 0),
         )
         self.memory = GuestMemory()
         self.slots = [QueueSlot(i) for i in range(device.max_queues)]

@@ -61,6 +61,10 @@ FRAME_MAX = 65550
 PCAP_MAGIC = 0xA1B2C3D4
 LINKTYPE_ETHERNET = 1
 PCAP_BUFFER = 4 << 20
+# Busy-poll mode: how long C keeps polling empty rings, and how many frames
+# it moves, before trio gets the thread back.
+POLL_SPIN_US = 200
+POLL_BUDGET = 65536
 
 # linux/if_tun.h
 TUNSETIFF = 0x400454CA
@@ -283,10 +287,11 @@ class NetSwitch:
             raise OSError(err, f"{port.name}: read: {os.strerror(err)}")
         return rc
 
-    def poll(self, budget: int = 256) -> int:
-        """One busy-poll round over every ring and fd port."""
+    def poll(self, budget: int = 256, spin_us: int = 0) -> int:
+        """Busy-poll every ring and fd port: one round, or rounds until
+        ``spin_us`` µs pass without a frame (or ``budget`` frames moved)."""
         self._refresh()
-        rc = int(lib.vu_net_poll(self._sw, budget))
+        rc = int(lib.vu_net_poll(self._sw, budget, spin_us))
         self.calls += 1
         self._after(rc)
         return rc
@@ -324,9 +329,12 @@ class NetSwitch:
                 return
 
     async def _busy_poll(self) -> None:
+        """Poll in C until the rings stay empty for POLL_SPIN_US (or
+        POLL_BUDGET frames moved), then let the other tasks run (control
+        messages, kicks, taps) and go again."""
         log.info("net switch: busy-polling every ring")
         while True:
-            self.poll()
+            self.poll(POLL_BUDGET, POLL_SPIN_US)
             await trio.lowlevel.checkpoint()
 
     # ------------------------------------------------------------ pcap

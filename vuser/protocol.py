@@ -250,6 +250,9 @@ class Session:
     # GET_QUEUE_NUM's answer when it is not num_queues: virtio-net counts
     # queue pairs (QEMU compares it with the netdev's queues=N).
     queue_num: int | None = None
+    # Protocol features this device must not offer (net: CONFIGURE_MEM_SLOTS,
+    # see devices/net.py).
+    excluded_protocol_features: int = 0
 
     acked_protocol_features: int = 0
     accepted_features: int | None = None
@@ -268,7 +271,7 @@ class Session:
 
     @property
     def offered_protocol_features(self) -> int:
-        bits = SUPPORTED_PROTOCOL_FEATURES | self.extra_protocol_features
+        bits = (SUPPORTED_PROTOCOL_FEATURES | self.extra_protocol_features) & ~self.excluded_protocol_features
         if self.has_config:
             bits |= 1 << PF.CONFIG
         return bits
