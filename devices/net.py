@@ -160,7 +160,7 @@ class NetDevice(Device):
         self._switch = switch
         self._port_name = port_name
         self._port: SwitchPort | None = None
-        self._conn: Any = None
+        self._conn: DeviceContext | None = None  # the connection of this port
 
     # ----------------------------------------------------------- the port
 
@@ -185,7 +185,7 @@ class NetDevice(Device):
             cport.kind = PORT_NONE
             cport.nqp = 0
             return
-        features = conn.session.effective_features
+        features = conn.effective_features
         cport.kind = PORT_VHOST
         cport.hdr_len = 12 if features & ((1 << F_VERSION_1) | (1 << F_MRG_RXBUF)) else 10
         cport.mrg_rxbuf = 1 if features & (1 << F_MRG_RXBUF) else 0
@@ -232,7 +232,7 @@ class NetDevice(Device):
         # The binding reads the connection's queue slots (rings, enable
         # state, call fds) directly: it needs all of them by index at every
         # call, which the per-role QueueHandle view does not give.
-        self._conn = context._conn
+        self._conn = context
         self.port  # register with the switch on first connect
 
     def detach(self) -> None:
@@ -250,6 +250,7 @@ class NetDevice(Device):
         if queue.index % 2 == 0:
             return  # receive buffers added: used when frames arrive
         n = self.switch.tx_burst(self.port, queue.index // 2, budget=TX_BUDGET)
+        assert self._conn is not None  # kicks only come while attached
         slot = self._conn.slots[queue.index]
         if n >= 0:
             slot.buffers += n

@@ -13,7 +13,7 @@ RANK = {
     "wire": 0,
     "protocol": 1,
     "memory": 2, "ring_ref": 2, "virtqueue": 2, "_native": 2,
-    "transport": 3, "control": 3,
+    "transport": 3, "control": 3, "netswitch": 3,
     # connection.py binds a transport connection to a device: device-model layer.
     "connection": 4,
     "device": 4,

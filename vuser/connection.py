@@ -165,6 +165,19 @@ class DeviceContext:
     def announce_config_change(self) -> None:
         self._conn.schedule_config_change()
 
+    # For devices with their own C data path (net): every queue slot by
+    # index (ring, call fd, state), the ring-error state, and reporting one.
+    @property
+    def slots(self) -> Sequence[QueueSlot]:
+        return self._conn.slots
+
+    @property
+    def device_broken(self) -> RingError | None:
+        return self._conn.device_broken
+
+    def ring_fault(self, slot: QueueSlot, error: RingError) -> None:
+        self._conn.ring_fault(slot, error)
+
     @property
     def nursery(self) -> trio.Nursery | None:
         return self._conn.nursery
