@@ -20,8 +20,9 @@ Sections:
              until the balloon takes it)
   reporting  the balloon with free page reporting: memory the guest frees
              leaves QEMU's RSS by itself
-  net        two guests talking through vuser (section still to be written;
-             "not yet available" while no net device is registered)
+  net        two guests on QEMU 7.2 (bookworm and sid kernels) on two sockets
+             of one `vuser run net`: ping round trips both ways, then 16 MiB
+             sent with nc, its throughput and the md5 sums on both sides
 Exit status 0 when every section that ran worked, 1 otherwise.
 """
 
@@ -49,6 +50,9 @@ from vuser.testing import Guest, boot_guest, kernel_info, qemu_info, qemu_rss
 
 MiB = 1 << 20
 RNG_READ = 1 * MiB
+NET_GUEST_MB = 256
+NET_TRANSFER_MB = 16
+NET_PINGS = 10
 GUEST_MEMORY_MB = 512
 BALLOON_TARGET = "128M"
 TOUCH_MB = 200
@@ -561,13 +565,155 @@ async def section_reporting(work: Workdir, report: Report) -> None:
            f"QEMU RssShmem {signed_mib(-rss_drop)}")
 
 
+@dataclass
+class NetGuest:
+    label: str
+    kernel: str
+    socket: Path
+    chardev: str
+    mac: str
+    ip: str
+
+
+async def net_qemu_args(work: Workdir, g: NetGuest) -> list[str]:
+    """``vuser qemu-args net`` for one socket of the switch, plus a MAC of
+    its own (QEMU gives every virtio-net the same default one)."""
+    out = await vuser(work, "qemu-args", "net", "--socket", str(g.socket), "--qemu-version", "7.2",
+                      "--chardev-id", g.chardev, "--no-memory")
+    args = shlex.split(out)
+    i = args.index("-device")
+    args[i + 1] += f",mac={g.mac}"
+    return args
+
+
+async def net_up(guest: Guest, g: NetGuest) -> None:
+    step(f"{g.label}: $ ip addr add {g.ip}/24 dev eth0; ip link set eth0 up")
+    await guest.check(f"ip addr add {g.ip}/24 dev eth0 && ip link set eth0 up")
+    r = await guest.run("for i in $(seq 100); do [ \"$(cat /sys/class/net/eth0/carrier)\" = 1 ] && exit 0; "
+                        "sleep 0.1; done; exit 1")
+    if not r.ok:
+        raise DemoError(f"{g.label}: eth0 has no carrier 10s after it was set up")
+
+
+async def net_ping(guest: Guest, src: NetGuest, dst: NetGuest) -> str:
+    # The first echo may go before the peer's receive ring is filled.
+    r = await guest.run(f"i=0; until ping -c 1 -W 1 {dst.ip} >/dev/null; do i=$((i+1)); "
+                        "[ $i -ge 15 ] && exit 1; done", timeout=25)
+    if not r.ok:
+        raise DemoError(f"{src.label} gets no answer from {dst.label} ({dst.ip}) within 15s")
+    step(f"{src.label}: $ ping -c {NET_PINGS} -i 0.2 {dst.ip}")
+    r = await guest.run(f"ping -c {NET_PINGS} -i 0.2 {dst.ip}", merge_stderr=True, timeout=NET_PINGS + 10)
+    stats = [line.strip() for line in r.stdout.splitlines() if "packets" in line or "round-trip" in line]
+    for line in stats:
+        say(f"           {line}")
+    if f"{NET_PINGS} packets received" not in r.stdout:
+        raise DemoError(f"ping {src.label} -> {dst.label} lost packets:\n{r.stdout}")
+    # "round-trip min/avg/max = 1.904/3.330/9.090 ms": the average
+    return stats[-1].split("=")[-1].split("/")[1] + " ms" if "round-trip" in stats[-1] else "?"
+
+
+async def net_transfer(sender: Guest, receiver: Guest, src: NetGuest, dst: NetGuest) -> tuple[float, str]:
+    """NET_TRANSFER_MB of random data made in the sender's tmpfs, sent with
+    nc and summed on both sides (the data never crosses the command channel)."""
+    step(f"{src.label}: $ dd if=/dev/urandom of=/tmp/data bs=1M count={NET_TRANSFER_MB}; md5sum /tmp/data")
+    await sender.check(f"dd if=/dev/urandom of=/tmp/data bs=1M count={NET_TRANSFER_MB} 2>/dev/null", timeout=60)
+    sent = (await sender.check("md5sum /tmp/data")).stdout.split()[0]
+    # busybox nc quits at EOF on its stdin: give the listener a FIFO opened
+    # read-write, which never ends; it quits when the sender closes.
+    step(f"{dst.label}: $ nc -l -p 5000 > /tmp/data &")
+    r = await receiver.run(
+        "mkfifo /tmp/hold; (nc -l -p 5000 <>/tmp/hold >/tmp/data; echo $? >/tmp/nc.rc) </dev/null >/dev/null 2>&1 & "
+        "for i in $(seq 50); do netstat -ltn | grep -q ':5000 ' && exit 0; sleep 0.1; done; exit 1")
+    if not r.ok:
+        raise DemoError(f"nc does not listen in {dst.label}")
+    step(f"{src.label}: $ nc {dst.ip} 5000 < /tmp/data")
+    r = await sender.run(f"t0=$(cut -d' ' -f1 /proc/uptime); nc {dst.ip} 5000 </tmp/data; rc=$?; "
+                         "t1=$(cut -d' ' -f1 /proc/uptime); echo $rc $t0 $t1", timeout=120)
+    rc, t0, t1 = r.stdout.split()
+    if rc != "0":
+        raise DemoError(f"nc in {src.label} exited with status {rc}")
+    seconds = max(float(t1) - float(t0), 0.01)
+    r = await receiver.run("for i in $(seq 100); do [ -s /tmp/nc.rc ] && exit 0; sleep 0.1; done; exit 1", timeout=20)
+    if not r.ok:
+        raise DemoError(f"nc in {dst.label} did not finish")
+    got = (await receiver.check("md5sum /tmp/data")).stdout.split()[0]
+    size = int((await receiver.check("stat -c %s /tmp/data")).stdout)
+    step(f"sent {mib(NET_TRANSFER_MB * MiB)} in {seconds:.2f}s ({NET_TRANSFER_MB / seconds:.1f} MiB/s, "
+         f"{NET_TRANSFER_MB * 8 / seconds:.0f} Mbit/s)")
+    say(f"           md5 in {src.label}: {sent}")
+    say(f"           md5 in {dst.label}: {got}  ({size} bytes) {'match' if got == sent else 'MISMATCH'}")
+    if got != sent or size != NET_TRANSFER_MB * MiB:
+        raise DemoError(f"{dst.label} received {size} bytes with md5 {got}; {src.label} sent "
+                        f"{NET_TRANSFER_MB * MiB} bytes with md5 {sent}")
+    return seconds, sent
+
+
+def show_net_ports(status: dict[str, Any]) -> None:
+    sw = status["device_status"]
+    step(f"vuser: switch ({sw['mode']}), {sw['learned']} addresses learned, {sw['flooded']} frames flooded, "
+         f"{sw['calls']} calls into C")
+    for p in sw["ports"]:
+        drops = ", ".join(f"{k} {v}" for k, v in p["drops"].items()) or "none"
+        say(f"           port {p['port']} ({Path(p['name']).name}): tx {p['tx_packets']} frames "
+            f"{mib(p['tx_bytes'])} ({p['tx_gso']} TSO)  rx {p['rx_packets']} frames {mib(p['rx_bytes'])}  "
+            f"notifies {p['notifies']}  drops: {drops}")
+
+
+async def section_net(work: Workdir, report: Report) -> None:
+    qinfo = qemu_info("7.2")
+    kernels = [kernel_info("bookworm"), kernel_info("sid")]
+    say(f"  QEMU {qinfo['version']} ({qinfo['key']}), -netdev vhost-user + virtio-net-pci; guest a runs "
+        f"{kernels[0]['version']}, guest b {kernels[1]['version']}")
+    a = NetGuest("guest a", "bookworm", work / "net.sock", "net0", "52:54:00:00:00:0a", "10.0.0.1")
+    b = NetGuest("guest b", "sid", work / "net-b.sock", "net0", "52:54:00:00:00:0b", "10.0.0.2")
+    async with Devices(work) as devices:
+        # One process, one switch, a port per socket.
+        net = await devices.start("net", "net", "--socket", str(b.socket))
+        args_a, args_b = await net_qemu_args(work, a), await net_qemu_args(work, b)
+        step("QEMU a gets: " + work.show(args_a)[len("vuser "):])
+        step("QEMU b gets: " + work.show(args_b)[len("vuser "):])
+        async with boot_guest("7.2", a.kernel, memory_mb=NET_GUEST_MB, extra_args=args_a,
+                              workdir=work / "guest-net-a", keep_workdir=True) as ga, \
+                boot_guest("7.2", b.kernel, memory_mb=NET_GUEST_MB, extra_args=args_b,
+                           workdir=work / "guest-net-b", keep_workdir=True) as gb:
+            step(f"guests booted in {ga.boot_seconds:.1f}s and {gb.boot_seconds:.1f}s; "
+                 f"a: {await guest_driver(ga, 1)}, b: {await guest_driver(gb, 1)}")
+            await net_up(ga, a)
+            await net_up(gb, b)
+            boot_drops = sum(p["dropped"] for p in (await net.status())["device_status"]["ports"])
+
+            say("  -- ping")
+            rtt_ab = await net_ping(ga, a, b)
+            rtt_ba = await net_ping(gb, b, a)
+
+            say("  -- nc")
+            seconds, _ = await net_transfer(ga, gb, a, b)
+
+            status = await vuser_ctl(work, net.control, "status")
+            for sock in status["sockets"]:
+                say(f"  -- {Path(sock['socket']).name}")
+                show_status(sock)
+            show_net_ports(status)
+            fdb = await vuser_ctl(work, net.control, "fdb", show=False)
+            say("           learned: " + ", ".join(f"{e['mac']} on port {e['port']}" for e in fdb))
+            dropped = sum(p["dropped"] for p in status["device_status"]["ports"])
+            if dropped > boot_drops:
+                raise DemoError(f"vuser dropped {dropped - boot_drops} frames during the pings and the transfer")
+            if dropped:
+                say(f"           ({dropped} frame{'s' if dropped > 1 else ''} dropped while the guests "
+                    "booted, none since)")
+    report("net (QEMU 7.2)", f"ping avg a->b {rtt_ab}, b->a {rtt_ba}; {NET_TRANSFER_MB} MiB a->b in "
+           f"{seconds:.2f}s ({NET_TRANSFER_MB / seconds:.1f} MiB/s), md5 sums match")
+
+
 # name, title, devices it needs, function
 SECTIONS: list[tuple[str, str, tuple[str, ...], SectionFn | None]] = [
     ("rng-7.2", "rng on QEMU 7.2 (vhost-user-rng-pci), bookworm kernel", ("rng",), section_rng_72),
     ("qemu-11", "rng + balloon on QEMU 11 (vhost-user-test-device-pci), sid kernel",
      ("rng", "balloon"), section_qemu11),
     ("reporting", "balloon free page reporting on QEMU 11", ("balloon",), section_reporting),
-    ("net", "net: two guests talking through vuser", ("net",), None),
+    ("net", "net: two guests talking through vuser (QEMU 7.2, kernels 6.1 and sid's)", ("net",),
+     section_net),
 ]
 
 
