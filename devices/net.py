@@ -31,6 +31,7 @@ link status exists.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 from typing import Any, Iterable
 
@@ -140,7 +141,11 @@ class NetDevice(Device):
     # first one added (measured, QEMU 7.2, queues=2).  With whole
     # SET_MEM_TABLEs each start just replaces the table.  DPDK's vhost
     # library does not offer it either.
-    excluded_protocol_features = 1 << PF.CONFIGURE_MEM_SLOTS
+    # CONFIG: QEMU's virtio-net owns the config space (mac, status, mtu come
+    # from its own properties) and warns when a vhost-user net back-end
+    # offers CONFIG; the fields above stay for front-ends that read them
+    # anyway (GET_CONFIG is answered regardless).
+    excluded_protocol_features = (1 << PF.CONFIGURE_MEM_SLOTS) | (1 << PF.CONFIG)
 
     def __init__(self, *, switch: NetSwitch | None = None, queue_pairs: int = DEFAULT_QUEUE_PAIRS,
                  mtu: int = 1500, port_name: str | None = None, **kw: Any) -> None:
@@ -288,7 +293,10 @@ class NetDevice(Device):
     # ----------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"port": self.port.index, "queue_pairs": self.queue_pairs, "mtu": self.mtu}
+        out: dict[str, Any] = {"port": self.port.index, "queue_pairs": self.queue_pairs, "mtu": self.mtu,
+                               # virtio-net header length on this port's rings: 12 with
+                               # VERSION_1 or MRG_RXBUF, 10 for a legacy driver (seed 003)
+                               "header_len": int(self.port.c.hdr_len)}
         out.update(self.switch.stats())
         return out
 
@@ -353,7 +361,15 @@ class NetDevice(Device):
         return ["-netdev", f"vhost-user,id={chardev}-net,chardev={chardev}{mq}"]
 
     def qemu_device_args(self, chardev: str, qemu_version: str) -> str:
-        args = f"virtio-net-pci,netdev={chardev}-net"
+        # A MAC per socket (locally administered, derived from the socket
+        # path): guests on one switch must not share QEMU's default MAC.
+        digest = hashlib.sha1(str(self._port_name or chardev).encode()).digest()
+        mac = "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+        args = f"virtio-net-pci,netdev={chardev}-net,mac={mac}"
+        if self.mtu != 1500:
+            # QEMU owns the config space: the guest sees an MTU only through
+            # host_mtu, which QEMU then sends to us with NET_SET_MTU.
+            args += f",host_mtu={self.mtu}"
         if self.queue_pairs > 1:
             args += ",mq=on"
         if qemu_version.startswith("7"):

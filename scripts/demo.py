@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -576,13 +577,13 @@ class NetGuest:
 
 
 async def net_qemu_args(work: Workdir, g: NetGuest) -> list[str]:
-    """``vuser qemu-args net`` for one socket of the switch, plus a MAC of
-    its own (QEMU gives every virtio-net the same default one)."""
+    """``vuser qemu-args net`` for one socket of the switch (it gives each
+    socket a MAC of its own); the demo pins the MAC it shows."""
     out = await vuser(work, "qemu-args", "net", "--socket", str(g.socket), "--qemu-version", "7.2",
                       "--chardev-id", g.chardev, "--no-memory")
     args = shlex.split(out)
     i = args.index("-device")
-    args[i + 1] += f",mac={g.mac}"
+    args[i + 1] = re.sub(r"mac=[0-9a-f:]+", f"mac={g.mac}", args[i + 1])
     return args
 
 

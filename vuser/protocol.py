@@ -271,10 +271,10 @@ class Session:
 
     @property
     def offered_protocol_features(self) -> int:
-        bits = (SUPPORTED_PROTOCOL_FEATURES | self.extra_protocol_features) & ~self.excluded_protocol_features
+        bits = SUPPORTED_PROTOCOL_FEATURES | self.extra_protocol_features
         if self.has_config:
             bits |= 1 << PF.CONFIG
-        return bits
+        return bits & ~self.excluded_protocol_features
 
     def has_protocol(self, feature: PF) -> bool:
         return bool(self.acked_protocol_features & (1 << feature))
