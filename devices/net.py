@@ -39,6 +39,7 @@ from vuser.connection import DeviceContext, QueueHandle
 from vuser.device import (
     TRANSPORT_FEATURES,
     VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_F_IN_ORDER,
     ConfigField,
     Device,
     DeviceError,
@@ -127,7 +128,11 @@ class NetDevice(Device):
     description = "virtio-net data path: ports of a learning L2 switch (tap, pcap, reflect, sink)"
     base_queues = ("rx0", "tx0")
     features = _features(DEFAULT_QUEUE_PAIRS)
-    transport_features = (*TRANSPORT_FEATURES, VIRTIO_F_ANY_LAYOUT)
+    # IN_ORDER (virtio spec 2.7.9): every ring here is used in the order it
+    # was made available -- tx chains are completed in pop order, rx chains
+    # published in pop order, and only unpublished tail chains are ever
+    # rewound -- so the driver may take its in-order fast paths.
+    transport_features = (*TRANSPORT_FEATURES, VIRTIO_F_ANY_LAYOUT, VIRTIO_F_IN_ORDER)
     config_fields = (
         ConfigField("status", 6, 2, "STATUS"),
         ConfigField("max_virtqueue_pairs", 8, 2, "MQ"),
