@@ -9,12 +9,16 @@
  * write() to a tap.  Software segments are built the same way in
  * seg_scratch.
  *
- * Receive buffers are popped one chain at a time from the destination
- * ring, filled at once, and their used elements batched per ring; a frame
- * that cannot be completed (ring empty half-way through a mergeable frame,
- * chain too small) gives its chains back by moving last_avail_idx back
- * over them (they were the last ones popped and nothing was published for
- * them), as libvhost-user's vu_queue_rewind does.  A frame's used elements
+ * Receive buffers are popped ahead from the destination ring, up to as
+ * many chains as frames are left in the tx batch (rxc_take; one ring at a
+ * time, one chain at a time once destinations alternate), used strictly in
+ * the order popped, filled at once, and their used elements batched per
+ * ring.  Chains popped ahead and not used, and those of a frame that
+ * cannot be completed (ring empty half-way through a mergeable frame,
+ * chain too small), are given back by moving last_avail_idx back over them
+ * (they were the last ones popped and nothing was published for them), as
+ * libvhost-user's vu_queue_rewind does; rx_flush (after every tx batch
+ * and before every return to Python) gives back the popped-ahead ones.  A frame's used elements
  * are never split over two publications: Linux's receive_mergeable expects
  * all num_buffers of a frame to be there once the first one is.
  */
@@ -116,6 +120,60 @@ static uint32_t scatter(const struct vu_mem *mem, const struct vu_seg *segs, uin
     return done;
 }
 
+/* Start loading (rw = 0: tx frames) or owning (rw = 1: receive buffers)
+ * the first two cache lines of a chain's first two segments PREFETCH_AHEAD
+ * chains before it is used: the driver on another CPU just wrote (or last
+ * touched) those lines, and misses taken one frame at a time do not
+ * overlap.  Measured on 64-byte reflect: the tx frame load was half the
+ * time; prefetching took 6 to 14 Mpps, and PREFETCHW (not PREFETCHT0) on
+ * receive buffers is worth 9 -> 14 of that.  A few chains ahead, not a
+ * whole batch: a prefetch waits for a free fill buffer.  Addresses only
+ * from validated segments (seg_host); a prefetch never faults. */
+#define PREFETCH_AHEAD 8u
+
+/* A prefetch the compiler may not delete (GCC 12 dropped the loops whose
+ * only effect was __builtin_prefetch).  0F 0D /1 (PREFETCHW) executes as a
+ * NOP on x86-64 CPUs without PRFCHW. */
+static inline void prefetch_line(const uint8_t *p, int rw)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    if (rw)
+        __asm__ __volatile__("prefetchw %0" : : "m"(*(const volatile uint8_t *)p));
+    else
+        __asm__ __volatile__("prefetcht0 %0" : : "m"(*(const volatile uint8_t *)p));
+#else
+    __builtin_prefetch(p, rw);
+    __asm__ __volatile__("" : : "r"(p) : "memory");
+#endif
+}
+
+static void prefetch_chain(const struct vu_mem *mem, const struct vu_chain *c,
+                           const struct vu_seg *segs, int rw)
+{
+    /* a header in a segment of its own is common: look at two */
+    uint32_t n = c->nsegs < 2 ? c->nsegs : 2;
+
+    for (uint32_t k = 0; k < n; k++) {
+        const struct vu_seg *s = &segs[c->first_seg + k];
+        const uint8_t *p = seg_host(mem, s);
+
+        if (!p || !s->len)
+            continue;
+        prefetch_line(p, rw);
+        if (s->len > 64)
+            prefetch_line(p + 64, rw);
+    }
+}
+
+/* Chains [from, to) of a batch of nc. */
+static inline void prefetch_chains(const struct vu_mem *mem, const struct vu_chain *chains,
+                                   uint32_t from, uint32_t to, uint32_t nc,
+                                   const struct vu_seg *segs, int rw)
+{
+    for (uint32_t i = from; i < to && i < nc; i++)
+        prefetch_chain(mem, &chains[i], segs, rw);
+}
+
 static inline void notify(struct vu_vring *vr, int32_t fd, struct vu_net_stats *st)
 {
     static const uint64_t one = 1;
@@ -143,6 +201,51 @@ static void rewind_avail(struct vu_vring *vr, uint32_t n)
         vu_vring_set_notification(vr, 1);
 }
 
+/* Give back the receive chains popped ahead and not used (the last ones
+ * popped from that ring; nothing was published for them). */
+static void rxc_drop(struct vu_net_switch *sw)
+{
+    if (sw->rxc_vr && sw->rxc_next < sw->rxc_count)
+        rewind_avail(sw->rxc_vr, sw->rxc_count - sw->rxc_next);
+    sw->rxc_vr = NULL;
+    sw->rxc_next = sw->rxc_count = 0;
+}
+
+/* The next receive chain of vr, popped ahead in batches of up to the
+ * frames left in the current tx batch (one vu_vring_pop per batch instead
+ * of per frame; chains are still used strictly in the order popped).  NULL
+ * with *rc = 0: the ring is empty; *rc < 0: it is broken. */
+static const struct vu_chain *rxc_take(struct vu_net_switch *sw, struct vu_vring *vr,
+                                       const struct vu_mem *mem, int *rc)
+{
+    *rc = 0;
+    if (sw->rxc_vr != vr) {
+        if (sw->rxc_next < sw->rxc_count)
+            sw->rx_single = 1;              /* popped ahead for nothing: stop that */
+        rxc_drop(sw);
+        sw->rxc_vr = vr;
+    }
+    if (sw->rxc_next == sw->rxc_count) {
+        uint32_t want = sw->rx_single ? 1 : sw->rx_hint, nc = 0, ns = 0;
+
+        if (want < 1)
+            want = 1;
+        if (want > RX_BATCH)
+            want = RX_BATCH;
+        *rc = vu_vring_pop(vr, mem, sw->rx_chains, want, sw->rx_segs, VU_NET_SEGS, &nc, &ns);
+        sw->rxc_next = 0;
+        sw->rxc_count = nc;
+        if (nc == 0)
+            return NULL;
+        if (nc > 1)
+            prefetch_chains(mem, sw->rx_chains, 0, PREFETCH_AHEAD, nc, sw->rx_segs, 1);
+        *rc = 0;                            /* use the good chains before a fault */
+    }
+    if (sw->rxc_next + PREFETCH_AHEAD < sw->rxc_count)
+        prefetch_chain(mem, &sw->rx_chains[sw->rxc_next + PREFETCH_AHEAD], sw->rx_segs, 1);
+    return &sw->rx_chains[sw->rxc_next++];
+}
+
 static void rx_publish(struct vu_net_port *p, uint32_t q)
 {
     struct vu_vring *vr = p->rx[q];
@@ -159,6 +262,8 @@ static void rx_flush(struct vu_net_switch *sw)
 {
     uint32_t np = sw->nports < VU_NET_MAX_PORTS ? sw->nports : VU_NET_MAX_PORTS;
 
+    rxc_drop(sw);
+    sw->rx_single = 0;
     for (uint32_t i = 0; i < np; i++) {
         struct vu_net_port *p = sw->ports[i];
         uint32_t nq;
@@ -398,35 +503,39 @@ static int deliver_vhost(struct vu_net_switch *sw, struct vu_net_port *d, uint32
         wr16le(src + MRG_NUM_BUFFERS_OFF, 1);   /* patched below */
 
     while (have < need) {
-        uint32_t nc = 0, ns = 0, took, want;
+        const struct vu_chain *c;
+        uint32_t took, want;
         int rc;
 
         if (nchains == RX_BATCH) {
+            rxc_drop(sw);
             rewind_avail(vr, nchains);
             return VU_NET_DROP_RX_TOO_SMALL;
         }
-        rc = vu_vring_pop(vr, d->mem, sw->rx_chains, 1, sw->rx_segs, VU_NET_SEGS, &nc, &ns);
+        c = rxc_take(sw, vr, d->mem, &rc);
         if (rc < 0)
             return VU_NET_DROP_RING_ERROR;  /* the ring is broken now; Python reports it */
-        if (nc == 0) {
+        if (!c) {
             rewind_avail(vr, nchains);
             return VU_NET_DROP_NO_BUFFER;
         }
-        if (sw->rx_chains[0].out_len != 0) {
+        if (c->out_len != 0) {
             /* Not a receive buffer.  It stays at the head of the ring and
              * every frame for this queue is dropped (and counted) until
              * the driver resets the device. */
+            rxc_drop(sw);
             rewind_avail(vr, nchains + 1);
             return VU_NET_DROP_BAD_RX_BUFFER;
         }
-        if (!d->mrg_rxbuf && sw->rx_chains[0].in_len < need) {
+        if (!d->mrg_rxbuf && c->in_len < need) {
+            rxc_drop(sw);
             rewind_avail(vr, 1);
             return VU_NET_DROP_RX_TOO_SMALL;
         }
-        want = sw->rx_chains[0].in_len < need - have ? sw->rx_chains[0].in_len : need - have;
-        took = scatter(d->mem, sw->rx_segs + sw->rx_chains[0].first_seg, sw->rx_chains[0].nsegs,
+        want = c->in_len < need - have ? c->in_len : need - have;
+        took = scatter(d->mem, sw->rx_segs + c->first_seg, c->nsegs,
                        src + have, want, have, hdr_len == VU_NET_HDR_MAX ? mark : NULL);
-        used[nchains].id = sw->rx_chains[0].head;
+        used[nchains].id = c->head;
         used[nchains].len = took;
         nchains++;
         have += took;
@@ -434,6 +543,7 @@ static int deliver_vhost(struct vu_net_switch *sw, struct vu_net_port *d, uint32
             /* Segments that do not fit the memory table (cannot happen
              * for segments just validated), or a chain of zero-length
              * buffers in a mergeable ring: give up on this frame. */
+            rxc_drop(sw);
             rewind_avail(vr, nchains);
             return took != want ? VU_NET_DROP_RING_ERROR : VU_NET_DROP_RX_TOO_SMALL;
         }
@@ -449,7 +559,9 @@ static int deliver_vhost(struct vu_net_switch *sw, struct vu_net_port *d, uint32
     cap = vr->num < RX_BATCH ? vr->num : RX_BATCH;
     if (d->rx_pending[q] + nchains > cap)
         rx_publish(d, (uint32_t)q);
-    memcpy(&d->rx_used[q][d->rx_pending[q]], used, nchains * sizeof used[0]);
+    /* (not memcpy: a call or rep movs for the usual single element) */
+    for (uint32_t k = 0; k < nchains; k++)
+        d->rx_used[q][d->rx_pending[q] + k] = used[k];
     d->rx_pending[q] += nchains;
     d->stats.rx_buffers += nchains;
     return -1;
@@ -743,6 +855,7 @@ static int tx_one_ring(struct vu_net_switch *sw, uint32_t port, uint32_t qp, uin
                 want = budget - total;
         }
         rc = vu_vring_pop(tx, p->mem, sw->chains, want, sw->segs, VU_NET_SEGS, &nc, &ns);
+        prefetch_chains(p->mem, sw->chains, 0, PREFETCH_AHEAD, nc, sw->segs, 0);
         for (uint32_t i = 0; i < nc; i++) {
             const struct vu_chain *c = &sw->chains[i];
             struct vnet_hdr h;
@@ -750,6 +863,9 @@ static int tx_one_ring(struct vu_net_switch *sw, uint32_t port, uint32_t qp, uin
 
             sw->tx_used[i].id = c->head;
             sw->tx_used[i].len = 0;
+            sw->rx_hint = nc - i;
+            if (i + PREFETCH_AHEAD < nc)
+                prefetch_chain(p->mem, &sw->chains[i + PREFETCH_AHEAD], sw->segs, 0);
             p->stats.tx_packets++;
             if (c->out_len < hdr_len) {
                 p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
@@ -837,6 +953,7 @@ int vu_net_fd_rx(struct vu_net_switch *sw, uint32_t port, uint32_t budget)
             p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
             continue;
         }
+        sw->rx_hint = 1;
         switch_frame(sw, port, 0, flen, &h);
         /* Publish as we go: a tap can deliver frames for a long time. */
         if ((total & (VU_NET_BATCH - 1)) == 0)
@@ -910,6 +1027,7 @@ int vu_net_inject(struct vu_net_switch *sw, uint32_t port, const uint8_t *frame,
     memcpy(sw->scratch + VU_NET_HDR_MAX, frame, len);
     p->stats.tx_packets++;
     p->stats.tx_bytes += len;
+    sw->rx_hint = 1;
     switch_frame(sw, port, 0, len, &h);
     rx_flush(sw);
     return 0;

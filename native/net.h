@@ -158,6 +158,14 @@ struct vu_net_switch {
     struct vu_chain *rx_chains;     /* VU_NET_BATCH */
     struct vu_seg *rx_segs;         /* VU_NET_SEGS */
     struct vu_used_elem *tx_used;   /* VU_NET_BATCH */
+    /* receive chains popped ahead from one ring (net.c rxc_*): chains
+     * rx_chains[rxc_next, rxc_count) of rxc_vr are popped, unused and the
+     * last ones popped from it; given back before anything returns. */
+    struct vu_vring *rxc_vr;
+    uint32_t rxc_next;
+    uint32_t rxc_count;
+    uint32_t rx_hint;               /* frames left in the current tx batch */
+    uint32_t rx_single;             /* destinations alternate: pop one at a time */
 };
 
 /* Drain tx ring qp of vhost port `port` (at most `budget` frames; 0 = no

@@ -145,7 +145,7 @@ class NetSwitch:
             ffi.new("uint8_t[]", lib.VU_NET_SCRATCH_SIZE),
             ffi.new("struct vu_chain[]", lib.VU_NET_BATCH),
             ffi.new("struct vu_seg[]", lib.VU_NET_SEGS),
-            ffi.new("struct vu_chain[]", 1),
+            ffi.new("struct vu_chain[]", lib.VU_NET_BATCH),
             ffi.new("struct vu_seg[]", lib.VU_NET_SEGS),
             ffi.new("struct vu_used_elem[]", lib.VU_NET_BATCH),
         ]
