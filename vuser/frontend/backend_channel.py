@@ -17,28 +17,19 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import trio
 
 from vuser import wire
-from vuser.frontend.connection import Channel, FrontendError
+from vuser.frontend.connection import Channel, FrontendError, MessageRecord
 from vuser.wire import BackendRequest
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BackendMessage:
+class BackendMessage(MessageRecord):
     """A request the back-end sent on the back-end channel."""
-
-    request: str
-    code: int
-    flags: int
-    payload: bytes
-    nfds: int
-    fields: Any = None
 
 
 # Returns the REPLY_ACK value to send (None: the default, 0 for

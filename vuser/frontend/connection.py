@@ -120,9 +120,10 @@ class Reply:
 
 
 @dataclass(frozen=True)
-class TraceEntry:
-    """One message the harness sent.  ``fields`` is the decoded payload
-    (None when it does not decode: raw and malformed messages)."""
+class MessageRecord:
+    """One message as recorded by the harness, in either direction.
+    ``fields`` is the decoded payload (None when it does not decode: raw and
+    malformed messages)."""
 
     request: str
     code: int
@@ -134,6 +135,10 @@ class TraceEntry:
     @property
     def need_reply(self) -> bool:
         return bool(self.flags & wire.FLAG_NEED_REPLY)
+
+
+class TraceEntry(MessageRecord):
+    """One message the harness sent."""
 
 
 class Channel:
