@@ -23,7 +23,6 @@ import errno
 import logging
 import os
 import socket
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -208,7 +207,6 @@ class Connection:
         self.device_broken: RingError | None = None
         self._features_announced = False
         self._warned: set[tuple[int, str]] = set()
-        self.connected_at = time.time()
         self.messages = 0
 
     # ------------------------------------------------------------ life

@@ -363,8 +363,6 @@ class Session:
             for r in regions:
                 _check_region(req, r)
             return MemTableSet(req, nr, regions, tuple(fds))
-        if req == R.GET_MAX_MEM_SLOTS:  # pragma: no cover - handled above
-            return Query(req, nr)
         if req == R.ADD_MEM_REG:
             self._require(req, PF.CONFIGURE_MEM_SLOTS)
             region = _region(body.region)
