@@ -26,28 +26,23 @@ import logging
 import re
 import struct
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import trio
 
-from vuser.connection import DeviceContext, QueueHandle
-from vuser.device import ConfigField, Device, DeviceError, Feature
+from vuser.device import ConfigField, Device, DeviceContext, DeviceError, Feature
+from vuser.handles import QueueHandle
+from vuser.plugin import Command, DevicePlugin, Param
+from vuser.virtio import BalloonFeature as BF
+from vuser.virtio import BalloonStat, DeviceId
 
 log = logging.getLogger(__name__)
 
-VIRTIO_ID_BALLOON = 5
 PAGE_SHIFT = 12  # VIRTIO_BALLOON_PFN_SHIFT: the balloon always speaks 4 KiB pages
 PAGE_SIZE = 1 << PAGE_SHIFT
 
 CMD_ID_STOP = 0
 CMD_ID_DONE = 1
-
-STAT_NAMES = {
-    0: "swap-in", 1: "swap-out", 2: "major-faults", 3: "minor-faults", 4: "free-memory",
-    5: "total-memory", 6: "available-memory", 7: "disk-caches", 8: "hugetlb-allocations",
-    9: "hugetlb-failures", 10: "oom-kills", 11: "alloc-stalls", 12: "async-scans",
-    13: "direct-scans", 14: "async-reclaims", 15: "direct-reclaims",
-}
 _STAT = struct.Struct("<HQ")  # struct virtio_balloon_stat is packed: le16 tag, le64 val
 
 
@@ -63,6 +58,13 @@ def parse_size(text: str) -> int:
     return (number * scale) // PAGE_SIZE
 
 
+def _stat_name(tag: int) -> str:
+    try:
+        return BalloonStat(tag).label
+    except ValueError:
+        return f"tag-{tag}"
+
+
 def _ranges(pfns: list[int]) -> list[tuple[int, int]]:
     """Coalesce page numbers into (first, count) runs: one madvise a run."""
     out: list[tuple[int, int]] = []
@@ -76,16 +78,16 @@ def _ranges(pfns: list[int]) -> list[tuple[int, int]]:
 
 class BalloonDevice(Device):
     name = "balloon"
-    virtio_id = VIRTIO_ID_BALLOON
+    virtio_id = DeviceId.BALLOON
     description = "memory balloon with stats, free page hinting and page reporting (virtio-balloon)"
     base_queues = ("inflateq", "deflateq")
     features = (
-        Feature(0, "VIRTIO_BALLOON_F_MUST_TELL_HOST"),
-        Feature(1, "VIRTIO_BALLOON_F_STATS_VQ", ("statsq",)),
-        Feature(2, "VIRTIO_BALLOON_F_DEFLATE_ON_OOM"),
-        Feature(3, "VIRTIO_BALLOON_F_FREE_PAGE_HINT", ("free_page_vq",)),
-        Feature(4, "VIRTIO_BALLOON_F_PAGE_POISON"),
-        Feature(5, "VIRTIO_BALLOON_F_REPORTING", ("reporting_vq",)),
+        Feature(BF.MUST_TELL_HOST),
+        Feature(BF.STATS_VQ, ("statsq",)),
+        Feature(BF.DEFLATE_ON_OOM),
+        Feature(BF.FREE_PAGE_HINT, ("free_page_vq",)),
+        Feature(BF.PAGE_POISON),
+        Feature(BF.REPORTING, ("reporting_vq",)),
     )
     config_fields = (
         ConfigField("num_pages", 0, 4),
@@ -208,7 +210,7 @@ class BalloonDevice(Device):
             data = b"".join(bytes(v) for v in chain.readable)
             for off in range(0, len(data) - _STAT.size + 1, _STAT.size):
                 tag, val = _STAT.unpack_from(data, off)
-                self.stats[STAT_NAMES.get(tag, f"tag-{tag}")] = val
+                self.stats[_stat_name(tag)] = val
             self.stats_time = time.time()
             self.stats_updates += 1
             if self._stats_head is not None:  # the driver only ever has one out
@@ -313,30 +315,43 @@ class BalloonDevice(Device):
                       "interval": self.stats_interval},
         }
 
-    def control(self, command: str, args: list[str]) -> Any:
-        if command == "set-target":
-            if len(args) != 1:
-                raise DeviceError("set-target takes one size (e.g. 64M, 4096, 100p)")
-            self.set_target(parse_size(args[0]))
-            return self.status()
-        if command == "stats":
-            return self.status()["stats"]
-        if command == "hint":
-            if len(args) != 1:
-                raise DeviceError("hint takes start or stop")
-            return {"cmd_id": self.hint(args[0])}
-        raise DeviceError(f"balloon: unknown command {command!r} (set-target, stats, hint, status)")
 
-    # ------------------------------------------------------------ CLI
+# ---------------------------------------------------------------- plugin
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+def _set_target(devices: Sequence[BalloonDevice], pages: int) -> dict[str, Any]:
+    devices[0].set_target(pages)
+    return devices[0].status()
+
+
+def _stats(devices: Sequence[BalloonDevice]) -> dict[str, Any]:
+    stats: dict[str, Any] = devices[0].status()["stats"]
+    return stats
+
+
+def _hint(devices: Sequence[BalloonDevice], action: str) -> dict[str, Any]:
+    return {"cmd_id": devices[0].hint(action)}
+
+
+def _hint_action(text: str) -> str:
+    if text not in ("start", "stop"):
+        raise DeviceError("hint takes start or stop")
+    return text
+
+
+class BalloonPlugin(DevicePlugin[BalloonDevice]):
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         super().add_arguments(parser)
         parser.add_argument("--target", default="0", help="initial balloon size (e.g. 64M, pages with p)")
         parser.add_argument("--stats-interval", type=float, default=2.0,
                             help="seconds between stats requests (0: never)")
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Device:
-        return cls(without=args.without, queue_policy=args.queue_policy,
-                   target_pages=parse_size(args.target), stats_interval=args.stats_interval)
+    def options(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"target_pages": parse_size(args.target), "stats_interval": args.stats_interval}
+
+
+plugin = BalloonPlugin(BalloonDevice, commands=(
+    Command("set-target", "set the balloon size (the guest gives that much memory back)", _set_target,
+            (Param("size", parse_size, "64M, 1G, 4096 (bytes) or 100p (pages)"),)),
+    Command("stats", "the guest's latest memory statistics", _stats),
+    Command("hint", "start or stop free page hinting", _hint, (Param("action", _hint_action, "start|stop"),)),
+))

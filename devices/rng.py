@@ -7,24 +7,20 @@ Entropy comes from the OS (os.urandom) or from a file given with --source
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from typing import Any, BinaryIO
 
-from vuser.connection import QueueHandle
 from vuser.device import Device
-
-log = logging.getLogger(__name__)
-
-VIRTIO_ID_RNG = 4
+from vuser.handles import QueueHandle
+from vuser.plugin import DevicePlugin
+from vuser.virtio import DeviceId
 
 
 class RngDevice(Device):
     name = "rng"
-    virtio_id = VIRTIO_ID_RNG
+    virtio_id = DeviceId.RNG
     description = "entropy source (virtio-rng)"
     base_queues = ("requestq",)
-    features = ()
 
     def __init__(self, *, source: str | None = None, **kw: Any) -> None:
         super().__init__(**kw)
@@ -64,17 +60,20 @@ class RngDevice(Device):
         return {"bytes_served": self.bytes_served, "requests": self.requests,
                 "source": self.source or "os.urandom"}
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+
+class RngPlugin(DevicePlugin[RngDevice]):
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         super().add_arguments(parser)
         parser.add_argument("--source", metavar="FILE", help="read entropy from FILE instead of the OS")
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Device:
-        return cls(without=args.without, queue_policy=args.queue_policy, source=args.source)
+    def options(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"source": args.source}
 
-    def qemu_device_args(self, chardev: str, qemu_version: str) -> str:
+    def qemu_args(self, device: RngDevice, chardev: str, qemu_version: str) -> list[str]:
         if qemu_version.startswith("7"):
             # QEMU 7.2 has a dedicated front-end (no generic device).
-            return f"vhost-user-rng-pci,chardev={chardev}"
-        return super().qemu_device_args(chardev, qemu_version)
+            return ["-device", f"vhost-user-rng-pci,chardev={chardev}"]
+        return super().qemu_args(device, chardev, qemu_version)
+
+
+plugin = RngPlugin(RngDevice)

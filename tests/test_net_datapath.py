@@ -1,4 +1,4 @@
-"""The C net data path (native/net.c through vuser.netswitch) on real split
+"""The C net data path (native/net.c through the net switch) on real split
 rings: the guest side is the front-end harness's ring code on memfd memory,
 the back-end side is ``VirtQueue`` on the same memfds, as a connection would
 set them up.  No sockets: the switch is called directly, as a kick would.
@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vuser.frontend.memory import GuestMemory as FeMemory
+from vuser.frontend.memory import GuestRam
 from vuser.frontend.vring import DriverQueue
 from vuser.memory import GuestMemory, RegionSpec
 from vuser.virtqueue import VirtQueue, native_available
@@ -30,7 +30,7 @@ from vuser.virtqueue import VirtQueue, native_available
 pytestmark = pytest.mark.skipif(not native_available(), reason="vuser._native is not built")
 
 if native_available():
-    from vuser.netswitch import OFF_ALL, OFF_CSUM, PORT_VHOST, NetSwitch, rarp_frame
+    from vuser.devices.net.switch import OFF_ALL, OFF_CSUM, PORT_VHOST, NetSwitch, rarp_frame
 from vuser.testing.netframes import (
     DATA_VALID,
     NEEDS_CSUM,
@@ -69,7 +69,7 @@ class Guest:
     sent: int = 0
 
     def open(self, size: int = 2 * MiB, regions: int = 2) -> Guest:
-        self.fe = FeMemory.create(size, regions=regions)
+        self.fe = GuestRam.create(size, regions=regions)
         self.be = GuestMemory()
         self.be.replace([(os.dup(r.fd), RegionSpec(r.gpa, r.size, r.uva, r.mmap_offset))
                          for r in self.fe.regions])
@@ -78,7 +78,7 @@ class Guest:
         self.vq_rx, self.vq_tx = VirtQueue(self.be), VirtQueue(self.be)
         for q, vq in ((self.rx, self.vq_rx), (self.tx, self.vq_tx)):
             desc, avail, used = q.addresses()
-            vq.configure(NUM, desc, avail, used, event_idx=self.event_idx, last_avail_idx=0)
+            vq.configure(NUM, desc, avail, used, event_idx=self.event_idx, base=0)
         return self
 
     def close(self) -> None:
@@ -89,8 +89,8 @@ class Guest:
         self.be.close()
         self.fe.close()
 
-    # PortBinding
-    def refresh(self, c: Any) -> None:
+    def bind(self, c: Any) -> None:
+        """What the net device's hooks push into its port when rings start."""
         c.kind = PORT_VHOST
         c.hdr_len = self.hdr_len
         c.mrg_rxbuf = int(self.mrg)
@@ -98,12 +98,12 @@ class Guest:
         c.rx_offloads = self.rx_offloads
         c.mem = self.be.native
         c.nqp = 1
-        c.rx[0] = self.vq_rx.ring
-        c.tx[0] = self.vq_tx.ring
+        c.rx[0] = self.vq_rx.native_ring
+        c.tx[0] = self.vq_tx.native_ring
         c.rx_call[0] = self.rx.call_fd
         c.tx_call[0] = self.tx.call_fd
 
-    def after(self, c: Any, result: int) -> None:
+    def after(self, c: Any, result: int) -> None:  # PortBinding
         pass
 
     def add_rx(self, size: int) -> None:
@@ -192,8 +192,8 @@ def pair() -> Any:
         a, b = Guest(**kw.get("a", {})).open(), Guest(**kw.get("b", {})).open()
         guests.extend((a, b))
         sw = NetSwitch(mode=kw.get("mode", "switch"))
-        sw.add_vhost_port("a", a)
-        sw.add_vhost_port("b", b)
+        a.bind(sw.add_vhost_port("a", a).c)
+        b.bind(sw.add_vhost_port("b", b).c)
         return sw, a, b
 
     yield make

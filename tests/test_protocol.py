@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from vuser import events as E
 from vuser import protocol as P
 from vuser import wire
+from vuser.virtio import Status
 from vuser.wire import ProtocolFeature as PF
 from vuser.wire import Request as R
 
@@ -23,7 +25,7 @@ def session(**kw) -> P.Session:
 
 
 def send(s: P.Session, req: R, payload: dict | None = None, fds: list[int] | None = None,
-         need_reply: bool = False) -> tuple[P.Event, bytes | None]:
+         need_reply: bool = False) -> tuple[E.Event, bytes | None]:
     msg = wire.encode(req, payload or {}, flags=wire.FLAG_NEED_REPLY if need_reply else 0)
     header = wire.decode_header(msg[:12])
     event = s.receive(header, msg[12:], list(fds or []))
@@ -62,7 +64,7 @@ def test_qemu_connect_sequence_answers() -> None:
     _, r = roundtrip(s, R.GET_QUEUE_NUM)
     assert u64(r) == 3
     ev, r = roundtrip(s, R.SET_BACKEND_REQ_FD, fds=[99], need_reply=True)
-    assert isinstance(ev, P.BackendChannelSet) and ev.fd == 99
+    assert isinstance(ev, E.BackendChannelSet) and ev.fd == 99
     assert u64(r) == 0  # REPLY_ACK success
     ev, r = roundtrip(s, R.SET_OWNER)
     assert r is None
@@ -80,7 +82,7 @@ def test_reply_ack_only_when_negotiated_and_asked() -> None:
     _, r = roundtrip(s, R.SET_VRING_NUM, {"index": 0, "num": 64}, need_reply=True)
     assert u64(r) == 0
     _, r = roundtrip(s, R.SET_CONFIG, {"offset": 0, "size": 1, "flags": 0, "payload": b"x"},
-                     need_reply=True, result=P.Refusal("nope"))
+                     need_reply=True, result=E.Refusal("nope"))
     assert u64(r) == 1
 
 
@@ -91,33 +93,33 @@ def test_feature_rewrites_are_not_final_until_features_ok() -> None:
     negotiate_protocol(s, ALL_PF)
     ev, r = roundtrip(s, R.GET_CONFIG, {"offset": 0, "size": 4, "flags": 0, "payload": bytes(4)},
                       result=b"\x01\x02\x03\x04")
-    assert isinstance(ev, P.ConfigRead) and r is not None and r.endswith(b"\x01\x02\x03\x04")
+    assert isinstance(ev, E.ConfigRead) and r is not None and r.endswith(b"\x01\x02\x03\x04")
     assert s.accepted_features is None
     for value in (DEV_A | DEV_B | VERSION_1, 0, DEV_A | VERSION_1):
         ev, _ = roundtrip(s, R.SET_FEATURES, {"u64": value})
-        assert isinstance(ev, P.FeaturesSet) and s.accepted_features == value
+        assert isinstance(ev, E.FeaturesSet) and s.accepted_features == value
         assert s.negotiated_features is None
-    ev, _ = send(s, R.SET_STATUS, {"u64": P.STATUS_FEATURES_OK | 3})
-    assert isinstance(ev, P.StatusSet) and ev.features_ok_requested and ev.accepted == DEV_A | VERSION_1
+    ev, _ = send(s, R.SET_STATUS, {"u64": Status.FEATURES_OK | 3})
+    assert isinstance(ev, E.StatusSet) and ev.features_ok_requested and ev.accepted == DEV_A | VERSION_1
     s.reply(ev, None)
     assert s.negotiated_features == DEV_A | VERSION_1
     _, r = roundtrip(s, R.GET_STATUS)
-    assert u64(r) & P.STATUS_FEATURES_OK
+    assert u64(r) & Status.FEATURES_OK
 
 
 def test_refused_features_ok_does_not_stick() -> None:
     s = session()
     negotiate_protocol(s, ALL_PF)
     roundtrip(s, R.SET_FEATURES, {"u64": DEV_B})
-    ev, r = roundtrip(s, R.SET_STATUS, {"u64": P.STATUS_FEATURES_OK | 3}, need_reply=True,
-                      result=P.Refusal("DEV_B needs DEV_A"))
+    ev, r = roundtrip(s, R.SET_STATUS, {"u64": Status.FEATURES_OK | 3}, need_reply=True,
+                      result=E.Refusal("DEV_B needs DEV_A"))
     assert u64(r) == 1
     assert s.negotiated_features is None
     _, r = roundtrip(s, R.GET_STATUS)
-    assert not u64(r) & P.STATUS_FEATURES_OK
+    assert not u64(r) & Status.FEATURES_OK
     # The driver may try again with another subset.
     roundtrip(s, R.SET_FEATURES, {"u64": DEV_A | DEV_B})
-    roundtrip(s, R.SET_STATUS, {"u64": P.STATUS_FEATURES_OK | 3})
+    roundtrip(s, R.SET_STATUS, {"u64": Status.FEATURES_OK | 3})
     assert s.negotiated_features == DEV_A | DEV_B
 
 
@@ -129,7 +131,7 @@ def test_without_status_features_final_when_ring_starts() -> None:
     assert s.negotiated_features is None
     assert s.effective_features == DEV_A | EVENT_IDX
     ev, _ = roundtrip(s, R.SET_VRING_KICK, {"u64": 0}, fds=[10])
-    assert isinstance(ev, P.VringFd) and ev.fd == 10
+    assert isinstance(ev, E.VringFd) and ev.fd == 10
     assert s.negotiated_features == DEV_A | EVENT_IDX
 
 
@@ -146,7 +148,7 @@ def test_status_zero_resets() -> None:
     roundtrip(s, R.SET_FEATURES, {"u64": DEV_A})
     roundtrip(s, R.SET_STATUS, {"u64": 0xF})
     ev, _ = roundtrip(s, R.SET_STATUS, {"u64": 0})
-    assert isinstance(ev, P.StatusSet) and ev.status == 0
+    assert isinstance(ev, E.StatusSet) and ev.status == 0
     assert s.accepted_features is None and s.negotiated_features is None and s.status == 0
 
 
@@ -154,13 +156,13 @@ def test_needs_reset_reported_through_status() -> None:
     s = session()
     s.mark_needs_reset()
     _, r = roundtrip(s, R.GET_STATUS)
-    assert u64(r) & P.STATUS_NEEDS_RESET
+    assert u64(r) & Status.DEVICE_NEEDS_RESET
 
 
 def test_get_vring_base_reply_carries_result() -> None:
     s = session()
     ev, r = roundtrip(s, R.GET_VRING_BASE, {"index": 2, "num": 0}, result=0x1234)
-    assert isinstance(ev, P.VringStop)
+    assert isinstance(ev, E.VringStop)
     assert wire.VringState.parse(r[12:]) == dict(index=2, num=0x1234)
 
 
@@ -228,9 +230,9 @@ def test_legacy_driver_features_final_at_driver_ok() -> None:
     s = session()
     negotiate_protocol(s, ALL_PF)
     roundtrip(s, R.SET_FEATURES, {"u64": DEV_A | EVENT_IDX})
-    roundtrip(s, R.SET_STATUS, {"u64": P.STATUS_ACKNOWLEDGE | P.STATUS_DRIVER})
+    roundtrip(s, R.SET_STATUS, {"u64": Status.ACKNOWLEDGE | Status.DRIVER})
     assert s.negotiated_features is None
-    roundtrip(s, R.SET_STATUS, {"u64": P.STATUS_ACKNOWLEDGE | P.STATUS_DRIVER | P.STATUS_DRIVER_OK})
+    roundtrip(s, R.SET_STATUS, {"u64": Status.ACKNOWLEDGE | Status.DRIVER | Status.DRIVER_OK})
     assert s.negotiated_features == DEV_A | EVENT_IDX
 
 
@@ -238,5 +240,5 @@ def test_modern_driver_needs_features_ok_not_driver_ok() -> None:
     s = session()
     negotiate_protocol(s, ALL_PF)
     roundtrip(s, R.SET_FEATURES, {"u64": DEV_A | VERSION_1})
-    roundtrip(s, R.SET_STATUS, {"u64": P.STATUS_ACKNOWLEDGE | P.STATUS_DRIVER | P.STATUS_DRIVER_OK})
+    roundtrip(s, R.SET_STATUS, {"u64": Status.ACKNOWLEDGE | Status.DRIVER | Status.DRIVER_OK})
     assert s.negotiated_features is None

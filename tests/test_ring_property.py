@@ -41,11 +41,16 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from vuser import ring_ref
-from vuser.ring_ref import DESC_F_INDIRECT as INDIRECT, DESC_F_NEXT as NEXT, DESC_F_WRITE as WRITE
+from vuser.rings import NativeSplitRing, PySplitRing
+from vuser.rings.base import MAX_INDIRECT, PopResult, RingMemory
+from vuser.rings.errors import ERROR_NAMES
+from vuser.rings.split_ref import DESC, U16, need_event, split_area_sizes
+from vuser.virtio import DescFlag
 
 native = pytest.importorskip("vuser._native")
 ffi, lib = native.ffi, native.lib
+
+NEXT, WRITE, INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
 
 PAGE = mmap.PAGESIZE
 PROT_NONE = 0
@@ -53,8 +58,6 @@ SLOT_PAGES = 2
 RSIZE = SLOT_PAGES * PAGE          # every region is exactly this big
 NSLOTS = 3
 U64 = 1 << 64
-STATE = ("num", "last_avail_idx", "used_idx", "signalled_used", "signalled_used_valid",
-         "event_idx", "notification", "broken", "error")
 CANARY = 0xA5
 
 
@@ -92,6 +95,39 @@ class RefRegion:
     gpa: int
     size: int
     view: memoryview
+
+
+@dataclass
+class WorldMemory:
+    """A world's regions as a ring sees memory (``vuser.rings.base.RingMemory``)."""
+
+    regions: list[RefRegion]
+    native: object = None
+
+
+def world_memory(world: World, gpas: list[int]) -> WorldMemory:
+    regions = [RefRegion(gpa, RSIZE, world.slots[i]) for i, gpa in enumerate(gpas)]
+    if world is not WORLD_C:
+        return WorldMemory(regions)
+    mem = ffi.new("struct vu_mem *")
+    mem.nregions = len(gpas)
+    for i, gpa in enumerate(gpas):
+        mem.regions[i].gpa, mem.regions[i].size, mem.regions[i].host = gpa, RSIZE, world.host(i)
+    return WorldMemory(regions, mem)
+
+
+class GuardedNativeSplitRing(NativeSplitRing):
+    """The C ring, its pop writing into output arrays with a canary entry
+    past ``max_chains`` / ``max_segs``: a write beyond the limits shows.
+    (NativeSplitRing.pop itself is compared in the façade test below.)"""
+
+    def pop(self, memory: RingMemory, max_chains: int, max_segs: int) -> PopResult:
+        return c_pop(self.native, memory.native, max_chains, max_segs)
+
+
+# (reference, candidate) ring classes per layout: the suite runs every
+# case through the Ring interface on both and compares everything.
+PAIRS = {"split": (PySplitRing, GuardedNativeSplitRing)}
 
 
 # ---------------------------------------------------------------- generation
@@ -160,7 +196,7 @@ def resolve_address(spec: tuple, gpas: list[int]) -> int:
 
 
 LENGTHS = st.one_of(st.integers(0, 64), st.integers(0, RSIZE + 64),
-                    st.sampled_from([0, 8, 16 * 8, 16 * (ring_ref.MAX_INDIRECT + 1), RSIZE, 2 * RSIZE,
+                    st.sampled_from([0, 8, 16 * 8, 16 * (MAX_INDIRECT + 1), RSIZE, 2 * RSIZE,
                                      2**31, 2**32 - 16, 2**32 - 1]))
 FLAGS = st.one_of(st.sampled_from([0, NEXT, WRITE, NEXT | WRITE, INDIRECT, INDIRECT | NEXT, INDIRECT | WRITE]),
                   st.integers(0, 0xFFFF))
@@ -176,7 +212,7 @@ MUTATIONS = st.one_of(
     st.tuples(st.just("flip_write"), st.integers(0, 31)),                       # order of readable/writable
     st.tuples(st.just("huge"), st.integers(0, 31), st.integers(0, 64)),         # lengths near 2^32
     st.tuples(st.just("ind_len"), st.integers(0, 2),
-              st.sampled_from([0, 8, 24, -8, 16, 16 * (ring_ref.MAX_INDIRECT + 1), 2**32 - 16])),
+              st.sampled_from([0, 8, 24, -8, 16, 16 * (MAX_INDIRECT + 1), 2**32 - 16])),
     st.tuples(st.just("ind_addr"), st.integers(0, 2), EDGE_ADDRESSES),
     st.tuples(st.just("nest"), st.integers(0, 2), st.integers(0, 7)),           # INDIRECT in a table
     # Aimed at a chain the driver made: its tail loops to its head, points
@@ -269,7 +305,7 @@ def build_ring(rnd: random.Random, gpas: list[int], num: int,
 
 
 def pack_descs(descs: list[list[int]]) -> bytes:
-    return b"".join(ring_ref._DESC.pack(*d) for d in descs)
+    return b"".join(DESC.pack(*d) for d in descs)
 
 
 def mutate(desc: list[list[int]], tables: list, gpas: list[int], m: tuple) -> None:
@@ -344,8 +380,7 @@ def ring_cases(draw: st.DrawFn, max_ops: int = 8) -> Case:
     num = draw(st.sampled_from([1, 2, 4, 8, 16, 32]))
     rnd = random.Random(draw(st.integers(0, 2**32 - 1)))
     placer = Placer(rnd, n, overlap=draw(st.integers(0, 9)) == 0)
-    sizes = (16 * num, 6 + 2 * num, 6 + 8 * num)
-    areas = [placer.place(size) for size in sizes]
+    areas = [placer.place(size) for size in split_area_sizes(num)]
     desc, tables, heads = build_ring(rnd, gpas, num, placer)
     last = draw(U16S)
     ready = min(draw(st.one_of(st.just(num), st.integers(0, num))), len(heads))
@@ -390,15 +425,11 @@ def load(case: Case) -> list[bytearray]:
     return image
 
 
-def c_state(vr: object) -> tuple[int, ...]:
-    return tuple(int(getattr(vr, k)) for k in STATE)
+def state(ring: object) -> tuple[object, ...]:
+    return (ring.num, tuple(sorted(ring.snapshot().items())))  # type: ignore[attr-defined]
 
 
-def r_state(ref: ring_ref.RefVring) -> tuple[int, ...]:
-    return tuple(int(getattr(ref, k)) for k in STATE)
-
-
-def c_pop(vr: object, mem: object, max_chains: int, max_segs: int) -> tuple[int, list, list]:
+def c_pop(vr: object, mem: object, max_chains: int, max_segs: int) -> PopResult:
     chains = ffi.new("struct vu_chain[]", max_chains + 1)
     segs = ffi.new("struct vu_seg[]", max_segs + 1)
     ffi.memmove(ffi.addressof(chains, max_chains), bytes([CANARY]) * ffi.sizeof("struct vu_chain"),
@@ -414,31 +445,26 @@ def c_pop(vr: object, mem: object, max_chains: int, max_segs: int) -> tuple[int,
     assert bytes(ffi.buffer(ffi.addressof(segs, max_segs), ffi.sizeof("struct vu_seg"))) == \
         bytes([CANARY]) * ffi.sizeof("struct vu_seg")
     return (rc,
-            [(c.head, c.first_seg, c.nsegs, c.nread, c.out_len, c.in_len) for c in chains[0:nc]],
-            [(s.region, s.offset, s.len, s.flags) for s in segs[0:ns]])
+            [(c.first_seg, c.nsegs, c.nread, c.out_len, c.in_len, c.head, c.reserved) for c in chains[0:nc]],
+            [(s.offset, s.len, s.region, s.flags) for s in segs[0:ns]])
 
 
-def run_case(case: Case) -> dict[str, int]:
+def run_case(case: Case, layout: str = "split") -> dict[str, int]:
     """Returns counts: chains, segs, errors and a bit per error code seen."""
     image = load(case)
     n = len(case.gpas)
-    mem = ffi.new("struct vu_mem *")
-    mem.nregions = n
-    for i, gpa in enumerate(case.gpas):
-        mem.regions[i].gpa, mem.regions[i].size, mem.regions[i].host = gpa, RSIZE, WORLD_C.host(i)
-    regions = [RefRegion(gpa, RSIZE, WORLD_R.slots[i]) for i, gpa in enumerate(case.gpas)]
+    ref_cls, cand_cls = PAIRS[layout]
+    mem_c, mem_r = world_memory(WORLD_C, case.gpas), world_memory(WORLD_R, case.gpas)
     num = case.num
-    sizes = (16 * num, 6 + 2 * num, 6 + 8 * num)
+    sizes = ref_cls.area_sizes(num)
     (ar, ao), (ur, uo) = case.areas[1], case.areas[2]
 
-    vr = ffi.new("struct vu_vring *")
-    ptrs = [WORLD_C.host(r, off) for r, off in case.areas]
-    rc = lib.vu_vring_init(vr, num, ptrs[0], sizes[0], ptrs[1], sizes[1], ptrs[2], sizes[2],
-                           case.event_idx, case.last_avail_idx)
-    ref = ring_ref.RefVring()
-    d, a, u = (WORLD_R.slots[r][off:off + size] for (r, off), size in zip(case.areas, sizes))
-    assert ref.init(num, d, a, u, case.event_idx, case.last_avail_idx) == rc == 0
-    assert c_state(vr) == r_state(ref)
+    cand, ref = cand_cls(), ref_cls()
+    areas_c = [WORLD_C.slots[r][off:off + size] for (r, off), size in zip(case.areas, sizes)]
+    areas_r = [WORLD_R.slots[r][off:off + size] for (r, off), size in zip(case.areas, sizes)]
+    assert cand.init(num, areas_c, case.event_idx, case.last_avail_idx) == \
+        ref.init(num, areas_r, case.event_idx, case.last_avail_idx) == 0
+    assert state(cand) == state(ref)
 
     stats = {"chains": 0, "segs": 0, "errors": 0, "codes": 0}
     outstanding: list[int] = []
@@ -446,21 +472,21 @@ def run_case(case: Case) -> dict[str, int]:
         kind = op[0]
         if kind == "pop":
             _, max_chains, max_segs = op
-            before = int(vr.last_avail_idx)
-            c = c_pop(vr, mem, max_chains, max_segs)
-            assert c == ref.pop(regions, max_chains, max_segs)
+            before = cand.base()
+            c = cand.pop(mem_c, max_chains, max_segs)
+            assert c == ref.pop(mem_r, max_chains, max_segs)
             rc, chains, segs = c
-            for region, off, length, _flags in segs:
+            for off, length, region, _flags in segs:
                 assert region < n and length > 0 and off + length <= RSIZE
-            for _head, first, nsegs, nread, out_len, in_len in chains:
+            for first, nsegs, nread, out_len, in_len, _head, _ in chains:
                 mine = segs[first:first + nsegs]
                 assert not any(s[3] for s in mine[:nread]) and all(s[3] for s in mine[nread:])
-                assert sum(s[2] for s in mine if s[3]) == in_len
-                assert sum(s[2] for s in mine if not s[3]) == out_len
+                assert sum(s[1] for s in mine if s[3]) == in_len
+                assert sum(s[1] for s in mine if not s[3]) == out_len
                 flags = [s[3] for s in mine]
                 assert flags == sorted(flags)       # readable segments first
-            assert (int(vr.last_avail_idx) - before) & 0xFFFF == len(chains)
-            outstanding += [ch[0] for ch in chains]
+            assert (cand.base() - before) & 0xFFFF == len(chains)
+            outstanding += [ch[5] for ch in chains]
             stats["chains"] += len(chains)
             stats["segs"] += len(segs)
             stats["errors"] += rc < 0
@@ -473,30 +499,29 @@ def run_case(case: Case) -> dict[str, int]:
                 del outstanding[:k]
             else:
                 elems = [((written >> j) % (num + 1), j) for j in range(k)]
-            arr = ffi.new("struct vu_used_elem[]", max(len(elems), 1))
-            for j, (h, w) in enumerate(elems):
-                arr[j].id, arr[j].len = h, w
-            old_used = int(vr.used_idx)
-            rc = lib.vu_vring_push(vr, arr, len(elems))
+            old_used = cand.used_idx
+            rc = cand.push(elems)
             assert rc == ref.push(elems)
             if rc == 0 and elems:  # the used index advances by exactly the chains completed
-                assert int(vr.used_idx) == (old_used + len(elems)) & 0xFFFF
-                assert ring_ref._U16.unpack_from(WORLD_C.slots[ur], uo + 2)[0] == vr.used_idx
+                assert cand.used_idx == (old_used + len(elems)) & 0xFFFF
+                assert U16.unpack_from(WORLD_C.slots[ur], uo + 2)[0] == cand.used_idx
         elif kind == "notify":
-            assert lib.vu_vring_need_notify(vr) == ref.need_notify()
+            assert cand.need_notify() == ref.need_notify()
         elif kind == "notification":
-            lib.vu_vring_set_notification(vr, op[1])
+            cand.set_notification(op[1])
             ref.set_notification(op[1])
         elif kind == "pending":
-            assert lib.vu_vring_avail_pending(vr) == ref.avail_pending()
+            assert cand.avail_pending() == ref.avail_pending()
         elif kind == "guest":  # the guest makes more (or garbage) available
             _, delta, head = op
-            idx = (ring_ref._U16.unpack_from(image[ar], ao + 2)[0] + delta) & 0xFFFF
+            idx = (U16.unpack_from(image[ar], ao + 2)[0] + delta) & 0xFFFF
             slot = ao + 4 + 2 * ((idx - 1) % num)
             for target in (image[ar], WORLD_C.slots[ar], WORLD_R.slots[ar]):
-                ring_ref._U16.pack_into(target, slot, head)
-                ring_ref._U16.pack_into(target, ao + 2, idx)
-        assert c_state(vr) == r_state(ref), op
+                U16.pack_into(target, slot, head)
+                U16.pack_into(target, ao + 2, idx)
+        assert state(cand) == state(ref), op
+    cand.clear()
+    ref.clear()
 
     # Same bytes everywhere; and only the used ring area may have changed.
     for r in range(n):
@@ -512,8 +537,9 @@ def run_case(case: Case) -> dict[str, int]:
 @settings(max_examples=3000, deadline=None, derandomize=False,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(ring_cases())
-def test_c_equals_reference_on_hostile_rings(case: Case) -> None:
-    run_case(case)
+@pytest.mark.parametrize("layout", sorted(PAIRS))
+def test_c_equals_reference_on_hostile_rings(layout: str, case: Case) -> None:
+    run_case(case, layout)
 
 
 def test_generated_rings_reach_deep() -> None:
@@ -533,7 +559,7 @@ def test_generated_rings_reach_deep() -> None:
 
     probe()
     assert totals["chains"] > 200 and totals["segs"] > totals["chains"]
-    missing = [ring_ref.ERROR_NAMES[-b] for b in range(1, 14) if not totals["codes"] & (1 << b)]
+    missing = [ERROR_NAMES[-b] for b in range(1, 14) if not totals["codes"] & (1 << b)]
     assert not missing, missing
 
 
@@ -542,7 +568,7 @@ def test_generated_rings_reach_deep() -> None:
 def test_need_event_arithmetic(event: int, new: int, old: int) -> None:
     # "event in [old, new)" modulo 2^16 is what vring_need_event means.
     expected = (event - old) % 65536 < (new - old) % 65536
-    assert bool(lib.vu_need_event(event, new, old)) == ring_ref.need_event(event, new, old) == expected
+    assert bool(lib.vu_need_event(event, new, old)) == need_event(event, new, old) == expected
 
 
 @settings(max_examples=300, deadline=None)
@@ -558,25 +584,23 @@ def test_need_notify_with_event_idx_tracks_signalled_used(used0: int, last: int,
     rslot = WORLD_R.slots[0]
     for s in (slot, rslot):
         s[:] = bytes(RSIZE)
-        ring_ref._U16.pack_into(s, 1024 + 2, used0)
-    sizes = (16 * num, 6 + 2 * num, 6 + 8 * num)
-    vr = ffi.new("struct vu_vring *")
-    assert lib.vu_vring_init(vr, num, WORLD_C.host(0, 0), sizes[0], WORLD_C.host(0, 512), sizes[1],
-                             WORLD_C.host(0, 1024), sizes[2], 1, last) == 0
-    ref = ring_ref.RefVring()
-    ref.init(num, rslot[0:sizes[0]], rslot[512:512 + sizes[1]], rslot[1024:1024 + sizes[2]], True, last)
+        U16.pack_into(s, 1024 + 2, used0)
+    sizes = split_area_sizes(num)
+    cand, ref = NativeSplitRing(), PySplitRing()
+    offsets = (0, 512, 1024)
+    assert cand.init(num, [slot[o:o + n] for o, n in zip(offsets, sizes)], True, last) == 0
+    assert ref.init(num, [rslot[o:o + n] for o, n in zip(offsets, sizes)], True, last) == 0
     for count, used_event in steps:
         for s in (slot, rslot):
-            ring_ref._U16.pack_into(s, 512 + 4 + 2 * num, used_event)
+            U16.pack_into(s, 512 + 4 + 2 * num, used_event)
         for _ in range(count // num):
             elems = [(0, 0)] * num
-            arr = ffi.new("struct vu_used_elem[]", elems)
-            assert lib.vu_vring_push(vr, arr, num) == ref.push(elems) == 0
+            assert cand.push(elems) == ref.push(elems) == 0
         elems = [(1, 0)] * (count % num)
-        arr = ffi.new("struct vu_used_elem[]", elems or [(0, 0)])
-        assert lib.vu_vring_push(vr, arr, len(elems)) == ref.push(elems) == 0
-        assert lib.vu_vring_need_notify(vr) == ref.need_notify()
-        assert c_state(vr) == r_state(ref)
+        assert cand.push(elems) == ref.push(elems) == 0
+        assert cand.need_notify() == ref.need_notify()
+        assert state(cand) == state(ref)
+    cand.clear()
     assert bytes(slot) == bytes(rslot)
 
 
@@ -604,7 +628,7 @@ def test_facade_native_equals_python(case: Case, max_segs: int | None) -> None:
                 mem.add_region(fd, RegionSpec(gpa, RSIZE, 0x7F00_0000_0000 + i * 0x100_0000, 0))
             vq = VirtQueue(mem, impl=impl, max_segs=max_segs)
             ring = [case.gpas[r] + off for r, off in case.areas]
-            vq.configure(case.num, *ring, event_idx=case.event_idx, last_avail_idx=case.last_avail_idx)
+            vq.configure(case.num, *ring, event_idx=case.event_idx, base=case.last_avail_idx)
             trace: list[object] = []
             outstanding: list[int] = []
             for op in case.ops + [("pop", 64, 256)]:

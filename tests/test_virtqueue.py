@@ -11,14 +11,15 @@ import struct
 
 import pytest
 
-from vuser import ring_ref
 from vuser.memory import GuestMemory, MemoryAccessError, RegionSpec
+from vuser.rings import errors as ring_errors
+from vuser.virtio import AvailFlag, DescFlag, UsedFlag
 from vuser.virtqueue import Chain, RingError, VirtQueue, native_available
 
 IMPLS = [pytest.param("native", marks=pytest.mark.skipif(not native_available(), reason="no vuser._native")),
          "python"]
 
-NEXT, WRITE, INDIRECT = ring_ref.DESC_F_NEXT, ring_ref.DESC_F_WRITE, ring_ref.DESC_F_INDIRECT
+NEXT, WRITE, INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
 R0, R1 = 0x0, 0x100000        # two 256 KiB regions with a gap between them
 RSIZE = 0x40000
 DESC, AVAIL, USED = 0x1000, 0x2000, 0x3000   # ring areas in region 0
@@ -106,7 +107,7 @@ def mem():
 def make(mem: GuestMemory, impl: str, num: int = 16, *, event_idx: bool = False, last: int = 0,
          **kw: int) -> tuple[VirtQueue, Driver]:
     vq = VirtQueue(mem, impl=impl, **kw)
-    vq.configure(num, DESC, AVAIL, USED, event_idx=event_idx, last_avail_idx=last)
+    vq.configure(num, DESC, AVAIL, USED, event_idx=event_idx, base=last)
     drv = Driver(mem, num)
     drv.avail_idx = last
     return vq, drv
@@ -178,7 +179,7 @@ def test_buffer_across_adjacent_regions_is_split(impl: str) -> None:
         assert [bytes(v) for v in c.readable] == [b"1234", b"5678"] and c.out_len == 8
         # Past the end of the second region it is outside memory.
         drv.publish(drv.chain([(2 * RSIZE - 4, 8, False)]))
-        assert vq.pop_all() == [] and vq.error is not None and vq.error.code == ring_ref.ERR_DESC_ADDR
+        assert vq.pop_all() == [] and vq.error is not None and vq.error.code == ring_errors.ERR_DESC_ADDR
         del c
     finally:
         mem.clear()
@@ -208,7 +209,7 @@ def test_small_segment_space(mem: GuestMemory, impl: str) -> None:
     # A chain needing more than 5 segments can never be served.
     drv.publish(drv.chain([(BUF + 8 * j, 8, False) for j in range(6)]))
     assert vq.pop_all() == []
-    assert vq.error is not None and vq.error.code == ring_ref.ERR_CHAIN_SEGS
+    assert vq.error is not None and vq.error.code == ring_errors.ERR_CHAIN_SEGS
     assert vq.last_avail_idx == 4
 
 
@@ -222,7 +223,7 @@ def test_bad_chain_keeps_good_ones_and_breaks(mem: GuestMemory, impl: str) -> No
     chains = vq.pop_all()
     assert [c.head for c in chains] == [good]
     assert isinstance(vq.error, RingError) and vq.broken
-    assert (vq.error.code, vq.error.name) == (ring_ref.ERR_ORDER, "VU_ERR_ORDER")
+    assert (vq.error.code, vq.error.name) == (ring_errors.ERR_ORDER, "VU_ERR_ORDER")
     assert "readable" in str(vq.error)
     assert vq.last_avail_idx == 1 and vq.stop() == 1
     assert vq.pop_all() == []
@@ -236,11 +237,11 @@ def test_sticky_error_does_not_touch_memory(mem: GuestMemory, impl: str) -> None
     vq, drv = make(mem, impl)
     drv.publish(drv.chain([(BUF, 8, False)]))
     drv.w(AVAIL + 2, "<H", 100)  # avail idx far ahead of last_avail_idx
-    assert vq.pop_all() == [] and vq.error.code == ring_ref.ERR_AVAIL_IDX  # type: ignore[union-attr]
+    assert vq.pop_all() == [] and vq.error.code == ring_errors.ERR_AVAIL_IDX  # type: ignore[union-attr]
     assert not vq.avail_pending()
     drv.w(AVAIL + 2, "<H", 1)
     assert vq.pop_all() == []  # still broken until configured again
-    vq.configure(16, DESC, AVAIL, USED, event_idx=False, last_avail_idx=0)
+    vq.configure(16, DESC, AVAIL, USED, event_idx=False, base=0)
     assert [c.head for c in vq.pop_all()] == [0]
 
 
@@ -251,7 +252,7 @@ def test_need_notify_without_event_idx(mem: GuestMemory, impl: str) -> None:
     [c] = vq.pop_all()
     vq.push([(c.head, 8)])
     assert vq.need_notify()
-    drv.set_avail_flags(ring_ref.AVAIL_F_NO_INTERRUPT)
+    drv.set_avail_flags(AvailFlag.NO_INTERRUPT)
     assert not vq.need_notify()
     drv.set_avail_flags(0)
     assert vq.need_notify()
@@ -260,7 +261,7 @@ def test_need_notify_without_event_idx(mem: GuestMemory, impl: str) -> None:
 @pytest.mark.parametrize("impl", IMPLS)
 def test_need_notify_with_event_idx(mem: GuestMemory, impl: str) -> None:
     vq, drv = make(mem, impl, event_idx=True)
-    drv.set_avail_flags(ring_ref.AVAIL_F_NO_INTERRUPT)  # ignored with EVENT_IDX
+    drv.set_avail_flags(AvailFlag.NO_INTERRUPT)  # ignored with EVENT_IDX
     heads = [drv.chain([(BUF, 8, True)]) for _ in range(4)]
     drv.publish(*heads)
     chains = vq.pop_all()
@@ -279,9 +280,9 @@ def test_need_notify_with_event_idx(mem: GuestMemory, impl: str) -> None:
 def test_set_notification(mem: GuestMemory, impl: str) -> None:
     vq, drv = make(mem, impl)
     vq.set_notification(False)
-    assert drv.used_flags() & ring_ref.USED_F_NO_NOTIFY
+    assert drv.used_flags() & UsedFlag.NO_NOTIFY
     vq.set_notification(True)
-    assert not drv.used_flags() & ring_ref.USED_F_NO_NOTIFY
+    assert not drv.used_flags() & UsedFlag.NO_NOTIFY
     assert drv.avail_event() == 0
 
     vq, drv = make(mem, impl, event_idx=True, last=7)
@@ -302,7 +303,7 @@ def test_set_notification(mem: GuestMemory, impl: str) -> None:
 def test_stop_returns_exact_index_across_wrap(mem: GuestMemory, impl: str) -> None:
     vq, drv = make(mem, impl, num=4, last=65534)
     drv.w(USED + 2, "<H", 65534)
-    vq.configure(4, DESC, AVAIL, USED, event_idx=True, last_avail_idx=65534)
+    vq.configure(4, DESC, AVAIL, USED, event_idx=True, base=65534)
     assert vq.used_idx == 65534  # resumed from the used ring
     heads = [drv.chain([(BUF, 8, False)]) for _ in range(3)]
     drv.publish(*heads)
@@ -321,14 +322,14 @@ def test_configure_checks(mem: GuestMemory, impl: str) -> None:
     vq = VirtQueue(mem, impl=impl)
     for num in (0, 3, 65536):
         with pytest.raises(ValueError):
-            vq.configure(num, DESC, AVAIL, USED, event_idx=False, last_avail_idx=0)
+            vq.configure(num, DESC, AVAIL, USED, event_idx=False, base=0)
     with pytest.raises(MemoryAccessError):
-        vq.configure(256, RSIZE - 16 * 128, AVAIL, USED, event_idx=False, last_avail_idx=0)
+        vq.configure(256, RSIZE - 16 * 128, AVAIL, USED, event_idx=False, base=0)
     with pytest.raises(MemoryAccessError):
-        vq.configure(16, DESC, AVAIL, 0x50000, event_idx=False, last_avail_idx=0)
+        vq.configure(16, DESC, AVAIL, 0x50000, event_idx=False, base=0)
     assert not vq.configured and vq.pop_all() == [] and not vq.need_notify()
     # Unaligned ring areas are accepted (every access is a memcpy).
-    vq.configure(8, DESC + 1, AVAIL + 3, USED + 5, event_idx=True, last_avail_idx=0)
+    vq.configure(8, DESC + 1, AVAIL + 3, USED + 5, event_idx=True, base=0)
     drv = Driver(mem, 8, DESC + 1, AVAIL + 3, USED + 5)
     drv.publish(drv.chain([(BUF, 8, False)]))
     [c] = vq.pop_all()
@@ -380,16 +381,15 @@ def test_raw_batch_api(mem: GuestMemory) -> None:
     from vuser._native import lib
     vq, drv = make(mem, "native")
     drv.publish(drv.chain([(BUF, 8, False), (R1, 16, True)]), drv.chain([(BUF + 8, 4, False)]))
-    rc, nc, ns = vq.pop_raw(8)
+    rc, nc, ns, chains, segs = vq.ring.pop_raw(mem, 8, 64)  # type: ignore[attr-defined]
     assert (rc, nc, ns) == (0, 2, 3)
-    c0, c1 = vq.chain_buffer[0], vq.chain_buffer[1]
+    c0, c1 = chains[0], chains[1]
     assert (c0.head, c0.first_seg, c0.nsegs, c0.nread, c0.out_len, c0.in_len) == (0, 0, 2, 1, 8, 16)
     assert (c1.head, c1.first_seg, c1.nsegs) == (2, 2, 1)
-    s = vq.seg_buffer[1]
+    s = segs[1]
     assert (s.region, s.offset, s.len, s.flags) == (1, 0, 16, lib.VU_SEG_WRITE)
-    assert vq.ring.last_avail_idx == 2
-    with pytest.raises(RuntimeError):
-        VirtQueue(mem, impl="python").pop_raw(1)
+    assert vq.native_ring.last_avail_idx == 2
+    assert VirtQueue(mem, impl="python").native_ring is None
 
 
 def test_unknown_impl(mem: GuestMemory) -> None:

@@ -1,11 +1,17 @@
 """Control socket: one JSON request per line in, one JSON answer per line out.
 
 Request:  {"command": "status", "args": []}
-Answer:   {"ok": true, "result": ...}  or  {"ok": false, "error": "..."}
+Answer:   {"ok": true, "result": ...}
+          {"ok": false, "error": "...", "usage": true|false}
 
-Generic commands: ``status`` (connection, features by name, queue layout,
-device status), ``stats`` and anything else the device's ``control`` hook
-knows.  The socket is created 0600.
+``usage`` says the request itself was wrong (unknown command, bad
+arguments: the user's error) rather than the device failing to do it.
+Commands are ``status``, ``commands`` and the device plugin's (see
+``vuser.runner``).  The socket is created 0600.
+
+Error handling: each client is served on its own; a request that is not
+JSON, too long, or too deeply nested gets an error answer (and a request
+over ``MAX_REQUEST`` bytes ends that client), never the process.
 """
 
 from __future__ import annotations
@@ -16,12 +22,21 @@ from typing import Any, Callable
 
 import trio
 
+from .errors import UsageError
 from .transport import listen_unix, unlink_quietly
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, list[str]], Any]
 MAX_REQUEST = 64 * 1024
+
+
+class ControlError(RuntimeError):
+    """The control socket answered with an error."""
+
+    def __init__(self, message: str, usage: bool) -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
 async def serve_control(path: str, handler: Handler, *,
@@ -48,8 +63,8 @@ async def _client(stream: trio.SocketStream, handler: Handler) -> None:
                 if not chunk:
                     return
                 buf += chunk
-                if len(buf) > MAX_REQUEST:
-                    await stream.send_all(b'{"ok": false, "error": "request too long"}\n')
+                if len(buf) > MAX_REQUEST and b"\n" not in buf:
+                    await stream.send_all(b'{"ok": false, "error": "request too long", "usage": true}\n')
                     return
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
@@ -64,16 +79,20 @@ def _answer(line: bytes, handler: Handler) -> dict[str, Any]:
         req = json.loads(line)
         command = str(req["command"])
         args = [str(a) for a in req.get("args", [])]
-    except (ValueError, KeyError, TypeError) as exc:
-        return {"ok": False, "error": f"bad request: {exc}"}
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        return {"ok": False, "error": f"bad request: {type(exc).__name__}: {exc}"[:500], "usage": True}
     try:
         return {"ok": True, "result": handler(command, args)}
+    except UsageError as exc:
+        return {"ok": False, "error": str(exc), "usage": True}
     except Exception as exc:  # reported to the client; the device keeps running
-        return {"ok": False, "error": str(exc)}
+        log.exception("control command %s failed", command)
+        return {"ok": False, "error": str(exc), "usage": False}
 
 
 async def call(path: str, command: str, args: list[str] | None = None, timeout: float = 10) -> Any:
-    """Client side: send one command and return its result (raises on error)."""
+    """Client side: send one command and return its result (raises
+    ControlError for an error answer, OSError if nobody listens)."""
     with trio.fail_after(timeout):
         stream = await trio.open_unix_socket(path)
         async with stream:
@@ -86,5 +105,5 @@ async def call(path: str, command: str, args: list[str] | None = None, timeout: 
                 buf += chunk
     answer = json.loads(buf.split(b"\n", 1)[0])
     if not answer.get("ok"):
-        raise RuntimeError(answer.get("error", "unknown error"))
+        raise ControlError(answer.get("error", "unknown error"), bool(answer.get("usage")))
     return answer["result"]

@@ -1,4 +1,5 @@
-"""Device model: what a device declares, and what the framework derives.
+"""Device model: what a device declares, what the framework derives, and
+every hook a device may implement.
 
 A device declares (style.md, "Devices"): its virtio id, the queues it always
 has, an ordered list of device-specific features where a feature may bring
@@ -22,19 +23,28 @@ exist, whether the driver may write it).  From that the framework derives:
   and a config write only changes the fields the driver may write
   (design.md semantics 4).
 
-Devices implement queue handlers (``on_kick``), config values, feature
-validation and reset; they see chains as memoryviews, never guest addresses.
+The hooks (section "Hooks" of ``Device``) are the whole contract between
+the framework and a device; each has a default, so a device overrides only
+what it needs.  Devices see chains as memoryviews (``QueueHandle``), never
+guest addresses; a device with its own C data path gets ``RawQueue``
+handles pushed to it by the queue-lifecycle hooks.
+
+CLI options, sockets, QEMU arguments and control commands are the device
+type's plugin (``vuser.plugin``), not the device's.
 """
 
 from __future__ import annotations
 
-import argparse
+import enum
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping, Protocol
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .connection import DeviceContext, QueueHandle
+from .errors import UsageError
+from .handles import QueueHandle, RawQueue
+from .memory import GuestMemory
+from .virtio import Transport, spec_name
+from .virtqueue import RingError
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +53,22 @@ POLICIES = ("offered", "negotiated", "fixed")
 
 @dataclass(frozen=True)
 class Feature:
-    """A feature bit; ``queues`` are the roles of the queues it brings."""
+    """A feature bit (``flag``: a ``vuser.virtio`` enum member, or any
+    ``IntEnum`` of bit numbers); ``queues`` are the roles of the queues it
+    brings.  ``name`` defaults to the spec name of ``flag``."""
 
-    bit: int
-    name: str
+    flag: enum.IntEnum
     queues: tuple[str, ...] = ()
     doc: str = ""
+    spec: str | None = None
+
+    @property
+    def bit(self) -> int:
+        return int(self.flag)
+
+    @property
+    def name(self) -> str:
+        return self.spec or spec_name(self.flag)
 
     @property
     def short(self) -> str:
@@ -61,32 +81,12 @@ class Feature:
 # device: the ring code implements both ring features (QEMU 7.2's rng turns
 # them on anyway, design.md), VERSION_1 makes the device transitional-capable
 # modern; a legacy driver simply does not accept it (seed 003).
-VIRTIO_F_NOTIFY_ON_EMPTY = Feature(24, "VIRTIO_F_NOTIFY_ON_EMPTY")
-VIRTIO_F_ANY_LAYOUT = Feature(27, "VIRTIO_F_ANY_LAYOUT")
-VIRTIO_RING_F_INDIRECT_DESC = Feature(28, "VIRTIO_RING_F_INDIRECT_DESC")
-VIRTIO_RING_F_EVENT_IDX = Feature(29, "VIRTIO_RING_F_EVENT_IDX")
-VHOST_USER_F_PROTOCOL_FEATURES = Feature(30, "VHOST_USER_F_PROTOCOL_FEATURES")
-VIRTIO_F_VERSION_1 = Feature(32, "VIRTIO_F_VERSION_1")
-VIRTIO_F_ACCESS_PLATFORM = Feature(33, "VIRTIO_F_ACCESS_PLATFORM")
-VIRTIO_F_RING_PACKED = Feature(34, "VIRTIO_F_RING_PACKED")
-VIRTIO_F_IN_ORDER = Feature(35, "VIRTIO_F_IN_ORDER")
-VIRTIO_F_ORDER_PLATFORM = Feature(36, "VIRTIO_F_ORDER_PLATFORM")
-VIRTIO_F_SR_IOV = Feature(37, "VIRTIO_F_SR_IOV")
-VIRTIO_F_NOTIFICATION_DATA = Feature(38, "VIRTIO_F_NOTIFICATION_DATA")
-VIRTIO_F_RING_RESET = Feature(40, "VIRTIO_F_RING_RESET")
-VHOST_F_LOG_ALL = Feature(26, "VHOST_F_LOG_ALL")
-
 TRANSPORT_FEATURES: tuple[Feature, ...] = (
-    VIRTIO_RING_F_INDIRECT_DESC,
-    VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_F_VERSION_1,
+    Feature(Transport.INDIRECT_DESC),
+    Feature(Transport.EVENT_IDX),
+    Feature(Transport.VERSION_1),
 )
-KNOWN_TRANSPORT_FEATURES: tuple[Feature, ...] = (
-    VIRTIO_F_NOTIFY_ON_EMPTY, VHOST_F_LOG_ALL, VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_INDIRECT_DESC,
-    VIRTIO_RING_F_EVENT_IDX, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1,
-    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_IN_ORDER, VIRTIO_F_ORDER_PLATFORM,
-    VIRTIO_F_SR_IOV, VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_RESET,
-)
+KNOWN_TRANSPORT_FEATURES: tuple[Feature, ...] = tuple(Feature(t) for t in Transport)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class ConfigField:
 
 @dataclass(frozen=True)
 class QueueLayout:
-    """Queue index -> role under one policy, plus what was used to derive it."""
+    """Queue index -> role under one policy."""
 
     policy: str
     roles: Mapping[int, str]
@@ -121,8 +121,25 @@ class QueueLayout:
         return [{"index": i, "role": r} for i, r in sorted(self.roles.items())]
 
 
-class DeviceError(Exception):
+class DeviceError(UsageError):
     """A device option or declaration is invalid (user error)."""
+
+
+class DeviceContext(Protocol):
+    """What a device may do with the connection it is attached to."""
+
+    @property
+    def memory(self) -> GuestMemory: ...
+    @property
+    def negotiated_features(self) -> int | None: ...
+    @property
+    def effective_features(self) -> int: ...
+
+    def queue(self, role: str) -> QueueHandle | None:
+        """The running queue the active layout gives ``role``."""
+        ...
+
+    def announce_config_change(self) -> None: ...
 
 
 def _feature_key(name: str) -> str:
@@ -135,13 +152,18 @@ class Device:
     """Base class of every device.  Subclasses fill the class variables and
     override the hooks they need."""
 
+    # ----------------------------------------------------------- declarations
     name: ClassVar[str] = ""
     virtio_id: ClassVar[int] = 0
     base_queues: ClassVar[tuple[str, ...]] = ()
-    features: ClassVar[tuple[Feature, ...]] = ()
+    features: tuple[Feature, ...] = ()
     config_fields: ClassVar[tuple[ConfigField, ...]] = ()
     transport_features: ClassVar[tuple[Feature, ...]] = TRANSPORT_FEATURES
     description: ClassVar[str] = ""
+    # vhost-user protocol features the device adds (net: RARP, MTU) or must
+    # not offer (net: CONFIGURE_MEM_SLOTS, CONFIG), as bit sets.
+    protocol_features: ClassVar[int] = 0
+    excluded_protocol_features: ClassVar[int] = 0
 
     def __init__(self, *, without: Iterable[str] = (), queue_policy: str = "offered") -> None:
         if queue_policy not in POLICIES:
@@ -151,7 +173,7 @@ class Device:
         by_key = {_feature_key(f.name): f for f in (*self.features, *self.transport_features)}
         unknown = wanted_off - set(by_key)
         if unknown:
-            known = ", ".join(f.short for f in self.features)
+            known = ", ".join(f.short for f in (*self.features, *self.transport_features))
             raise DeviceError(f"{self.name}: unknown feature(s) {', '.join(sorted(unknown))}; known: {known}")
         self.offered: tuple[Feature, ...] = tuple(
             f for f in (*self.features, *self.transport_features) if _feature_key(f.name) not in wanted_off
@@ -167,15 +189,13 @@ class Device:
             bits |= 1 << f.bit
         return bits
 
-    @classmethod
-    def all_features(cls) -> tuple[Feature, ...]:
-        return (*cls.features, *cls.transport_features)
+    def all_features(self) -> tuple[Feature, ...]:
+        return (*self.features, *self.transport_features)
 
-    @classmethod
-    def feature_names(cls, bits: int) -> list[str]:
+    def feature_names(self, bits: int) -> list[str]:
         """Decode feature bits to spec names (device, then transport)."""
         names = {f.bit: f.name for f in KNOWN_TRANSPORT_FEATURES}
-        names.update({f.bit: f.name for f in cls.features})
+        names.update({f.bit: f.name for f in self.features})
         return [names.get(b, f"bit{b}") for b in range(64) if bits & (1 << b)]
 
     def is_offered(self, name: str) -> bool:
@@ -192,10 +212,6 @@ class Device:
     def has(self, name: str, features: int) -> bool:
         """Is feature ``name`` in the bit set ``features``?"""
         return bool(features & (1 << self.feature(name).bit))
-
-    def validate_features(self, accepted: int) -> str | None:
-        """Return a reason to refuse ``accepted`` at FEATURES_OK, or None."""
-        return None
 
     # ----------------------------------------------------------- queues
 
@@ -237,13 +253,6 @@ class Device:
     def config_size(self) -> int:
         return max((f.end for f in self.existing_fields()), default=0)
 
-    def config_value(self, field: ConfigField) -> int | bytes:
-        """The current value of a config field (override)."""
-        return 0
-
-    def config_written(self, field: ConfigField, value: int | bytes) -> None:
-        """The driver wrote a writable field (override)."""
-
     def read_config(self, offset: int, size: int) -> bytes:
         """Config bytes [offset, offset+size): fields that exist per the
         offered features, zeros elsewhere.  Readable at any time."""
@@ -275,58 +284,89 @@ class Device:
         if self.context is not None:
             self.context.announce_config_change()
 
-    # ----------------------------------------------------------- hooks
+    # ======================================================================
+    # Hooks: the whole contract.  Each default does nothing (or the least).
+    # ======================================================================
+
+    # --- connection
 
     def attach(self, context: DeviceContext) -> None:
-        """A front-end connected."""
+        """A front-end connected (one at a time per device instance)."""
         self.context = context
 
     def detach(self) -> None:
+        """The front-end went away; every queue handle is stale now."""
         self.context = None
 
     def reset(self) -> None:
         """The driver reset the device (SET_STATUS 0 / RESET_DEVICE)."""
 
+    async def run(self, context: DeviceContext) -> None:
+        """Background work for the life of a connection (timers)."""
+
+    # --- features
+
+    def features_accepted(self, features: int) -> None:
+        """SET_FEATURES: the driver's current choice (not final, seed 004)."""
+
+    def validate_features(self, accepted: int) -> str | None:
+        """FEATURES_OK: a reason to refuse ``accepted``, or None."""
+        return None
+
     def features_negotiated(self, features: int) -> None:
         """Feature negotiation completed with ``features``."""
+
+    def vhost_queue_num(self) -> int | None:
+        """GET_QUEUE_NUM's answer when it is not the number of queues
+        (virtio-net answers in queue pairs)."""
+        return None
+
+    # --- queue lifecycle (push: devices with their own C data path keep
+    # their structures current from these, instead of reading queue state
+    # on every kick)
+
+    def queue_started(self, queue: RawQueue) -> None:
+        """A ring started (kick fd received, ring configured)."""
+
+    def queue_stopped(self, queue: RawQueue) -> None:
+        """A ring stopped (GET_VRING_BASE, reset, disconnect); its ring
+        pointer is invalid from now on."""
+
+    def queue_enabled(self, queue: RawQueue, enabled: bool) -> None:
+        """SET_VRING_ENABLE."""
+
+    def call_changed(self, queue: RawQueue) -> None:
+        """A new call fd (or none) for the queue."""
+
+    def memory_changed(self, memory: GuestMemory) -> None:
+        """The memory table changed (rings were re-translated)."""
+
+    def queues_broken(self, error: RingError) -> None:
+        """The guest broke a ring: no queue may be used until a reset."""
+
+    # --- data
 
     def on_kick(self, queue: QueueHandle) -> None:
         """Process the available buffers of ``queue`` (synchronous: it runs
         to completion, so GET_VRING_BASE always sees a consistent index)."""
 
-    async def run(self, context: DeviceContext) -> None:
-        """Optional background work for the life of a connection (timers)."""
+    def request(self, name: str, payload: Any) -> Any:
+        """Device-specific vhost-user requests (SEND_RARP, NET_SET_MTU); a
+        ``vuser.events.Refusal`` declines one."""
+        raise NotImplementedError(name)
+
+    # --- config and status
+
+    def config_value(self, field: ConfigField) -> int | bytes:
+        """The current value of a config field."""
+        return 0
+
+    def config_written(self, field: ConfigField, value: int | bytes) -> None:
+        """The driver wrote a writable field."""
 
     def status(self) -> dict[str, Any]:
         """Device-specific status for the control socket."""
         return {}
-
-    def request(self, name: str, payload: Any) -> Any:
-        """Device-specific vhost-user requests (SEND_RARP, NET_SET_MTU)."""
-        raise NotImplementedError(name)
-
-    def control(self, command: str, args: list[str]) -> Any:
-        """Device-specific control-socket commands."""
-        raise DeviceError(f"{self.name}: unknown command {command!r}")
-
-    # ----------------------------------------------------------- CLI
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Device-specific command-line options (override and call super)."""
-        parser.add_argument("--without", action="append", default=[], metavar="FEATURE",
-                            help="do not offer FEATURE (spec name, with or without its prefix)")
-        parser.add_argument("--queue-policy", choices=POLICIES, default="offered",
-                            help="how queue indexes follow features (default: offered)")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Device:
-        return cls(without=args.without, queue_policy=args.queue_policy)
-
-    # qemu-args support: the QEMU device that fronts this one.
-    def qemu_device_args(self, chardev: str, qemu_version: str) -> str:
-        return (f"vhost-user-test-device-pci,chardev={chardev},virtio-id={self.virtio_id},"
-                f"num_vqs={self.max_queues},config_size={self.config_size}")
 
 
 def _to_bytes(value: int | bytes, size: int) -> bytes:

@@ -1,11 +1,11 @@
 """Sans-I/O vhost-user back-end session.
 
 Input is one message (header, payload bytes, received fds); output is one
-event describing what the front-end asked for, and, once the caller has acted
-on it, the reply bytes to send (if any).  The session never touches sockets,
-memory or tasks (style.md, after h11): it keeps the protocol state —
-features offered / accepted / negotiated, protocol features, status, owner —
-and checks the meaning of every request.
+event (``vuser.events``) describing what the front-end asked for, and, once
+the caller has acted on it, the reply bytes to send (if any).  The session
+never touches sockets, memory or tasks (style.md, after h11): it keeps the
+protocol state — protocol features, owner, the feature negotiation
+(``vuser.negotiation``) — and checks the meaning of every request.
 
 Usage::
 
@@ -13,41 +13,28 @@ Usage::
     result = ... act on event ...                   # None, int, bytes or Refusal
     reply = session.reply(event, result)            # bytes or None
 
+Dispatch: ``wire.REQUESTS`` says how each request looks and which event it
+becomes; ``Session._CHECKS`` (one entry per request) checks its meaning and
+builds that event.  Requests of protocol features never offered (logging,
+IOTLB, crypto, postcopy, inflight, GPU, shared objects, device state,
+cross-endian) have no check: receiving one is a protocol violation,
+reported by name.
+
 Errors: a front-end that breaks the protocol gets a ProtocolError naming the
 request and the fault; the session is then permanently broken (every later
 call raises) and the caller closes the connection and every fd it received.
-
-Features (seeds 002, 004; design.md semantics 1 and 6): the device *offers*
-``offered_features``; each SET_FEATURES replaces the *accepted* set (it may
-come many times, including 0); the accepted set becomes *negotiated* only
-when FEATURES_OK is set through SET_STATUS and the device did not refuse it.
-Front-ends without the STATUS protocol feature (QEMU 7.2's rng, DPDK
-without STATUS) send SET_FEATURES once when the device starts, so there the
-accepted set is taken as negotiated when the first ring starts
-(``start_ring``).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, ClassVar, Mapping
 
+from . import events as E
 from . import wire
+from .negotiation import Negotiation, NegotiationError, StatusChange
 from .wire import ProtocolFeature as PF
 from .wire import Request as R
-
-log = logging.getLogger(__name__)
-
-# virtio device status bits (virtio spec 2.1)
-STATUS_ACKNOWLEDGE = 1
-STATUS_DRIVER = 2
-STATUS_DRIVER_OK = 4
-STATUS_FEATURES_OK = 8
-STATUS_NEEDS_RESET = 0x40
-STATUS_FAILED = 0x80
-
-VIRTIO_F_VERSION_1 = 32
 
 MAX_MEM_SLOTS = 64
 MAX_VRING_NUM = 32768
@@ -73,169 +60,7 @@ class ProtocolError(Exception):
         self.fault = fault
 
 
-@dataclass(frozen=True)
-class Refusal:
-    """Result for a request the back-end declines (REPLY_ACK non-zero)."""
-
-    reason: str
-
-
-# ----------------------------------------------------------------- events
-
-
-@dataclass(frozen=True)
-class Event:
-    request: R
-    need_reply: bool
-
-
-@dataclass(frozen=True)
-class Query(Event):
-    """GET_FEATURES, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS,
-    GET_STATUS: answered by the session itself."""
-
-
-@dataclass(frozen=True)
-class FeaturesSet(Event):
-    """SET_FEATURES: the accepted set changed (not final, seed 004)."""
-
-    features: int
-
-
-@dataclass(frozen=True)
-class ProtocolFeaturesSet(Event):
-    features: int
-
-
-@dataclass(frozen=True)
-class OwnerSet(Event):
-    pass
-
-
-@dataclass(frozen=True)
-class RingsReset(Event):
-    """RESET_OWNER (deprecated: disable all rings), RESET_DEVICE or
-    SET_STATUS(0): stop every ring and reset the device state."""
-
-    full: bool
-
-
-@dataclass(frozen=True)
-class MemRegion:
-    gpa: int
-    size: int
-    uva: int
-    mmap_offset: int
-
-
-@dataclass(frozen=True)
-class MemTableSet(Event):
-    regions: tuple[MemRegion, ...]
-    fds: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class MemRegionAdded(Event):
-    region: MemRegion
-    fd: int
-
-
-@dataclass(frozen=True)
-class MemRegionRemoved(Event):
-    region: MemRegion
-    fd: int | None
-
-
-@dataclass(frozen=True)
-class VringNum(Event):
-    index: int
-    num: int
-
-
-@dataclass(frozen=True)
-class VringAddr(Event):
-    index: int
-    flags: int
-    desc: int
-    used: int
-    avail: int
-    log: int
-
-
-@dataclass(frozen=True)
-class VringBase(Event):
-    index: int
-    base: int
-
-
-@dataclass(frozen=True)
-class VringStop(Event):
-    """GET_VRING_BASE: stop the ring; the result is the next avail index."""
-
-    index: int
-
-
-@dataclass(frozen=True)
-class VringFd(Event):
-    """SET_VRING_KICK / CALL / ERR.  ``fd`` is None when the front-end asks
-    for polling (bit 8 of the payload)."""
-
-    index: int
-    fd: int | None
-
-
-@dataclass(frozen=True)
-class VringEnable(Event):
-    index: int
-    enable: bool
-
-
-@dataclass(frozen=True)
-class VringKickInband(Event):
-    index: int
-
-
-@dataclass(frozen=True)
-class BackendChannelSet(Event):
-    fd: int
-
-
-@dataclass(frozen=True)
-class ConfigRead(Event):
-    """GET_CONFIG; the result is the bytes (exactly ``size`` of them)."""
-
-    offset: int
-    size: int
-    flags: int
-
-
-@dataclass(frozen=True)
-class ConfigWrite(Event):
-    offset: int
-    data: bytes
-    flags: int
-
-
-@dataclass(frozen=True)
-class StatusSet(Event):
-    """SET_STATUS.  ``features_ok_requested`` is true when this write sets
-    FEATURES_OK for the first time: the caller validates ``accepted`` and
-    returns a Refusal to refuse it (the bit then does not stick)."""
-
-    status: int
-    features_ok_requested: bool
-    accepted: int
-
-
-@dataclass(frozen=True)
-class DeviceRequest(Event):
-    """Device-specific requests the session does not interpret
-    (SEND_RARP, NET_SET_MTU): passed to the device."""
-
-    payload: Any
-
-
-EVENT_FD_REQUESTS = {R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR}
+Check = Callable[["Session", R, bool, Any, list[int]], E.Event]
 
 
 @dataclass
@@ -250,22 +75,18 @@ class Session:
     # GET_QUEUE_NUM's answer when it is not num_queues: virtio-net counts
     # queue pairs (QEMU compares it with the netdev's queues=N).
     queue_num: int | None = None
-    # Protocol features this device must not offer (net: CONFIGURE_MEM_SLOTS,
-    # see devices/net.py).
+    # Protocol features this device must not offer (net: CONFIGURE_MEM_SLOTS).
     excluded_protocol_features: int = 0
 
     acked_protocol_features: int = 0
-    accepted_features: int | None = None
-    negotiated_features: int | None = None
-    status: int = 0
     owner: bool = False
-    needs_reset: bool = False
     broken: ProtocolError | None = None
     features_set_count: int = 0
-    _rings_started: set[int] = field(default_factory=set)
+    negotiation: Negotiation = field(init=False)
 
     def __post_init__(self) -> None:
         self.offered_features |= 1 << wire.VHOST_USER_F_PROTOCOL_FEATURES
+        self.negotiation = Negotiation(self.offered_features)
 
     # ------------------------------------------------------------ queries
 
@@ -284,16 +105,29 @@ class Session:
         return self.has_protocol(PF.REPLY_ACK)
 
     @property
+    def accepted_features(self) -> int | None:
+        return self.negotiation.accepted
+
+    @property
+    def negotiated_features(self) -> int | None:
+        return self.negotiation.negotiated
+
+    @property
     def effective_features(self) -> int:
-        """Features the rings and device should follow right now: the
-        negotiated set once there is one, else the latest accepted set."""
-        if self.negotiated_features is not None:
-            return self.negotiated_features
-        return self.accepted_features or 0
+        """Features the rings and device should follow right now."""
+        return self.negotiation.effective
+
+    @property
+    def status(self) -> int:
+        return self.negotiation.status
+
+    @property
+    def needs_reset(self) -> bool:
+        return self.negotiation.needs_reset
 
     # ------------------------------------------------------------ input
 
-    def receive(self, header: wire.RawHeader, payload: bytes, fds: list[int]) -> Event:
+    def receive(self, header: wire.RawHeader, payload: bytes, fds: list[int]) -> E.Event:
         """Check one request and turn it into an event.
 
         On error the session is broken for good; the caller still owns (and
@@ -307,7 +141,15 @@ class Session:
             if header.is_reply:
                 raise ProtocolError(name, "reply flag set on a request")
             body = wire.decode_payload(header.request, payload, len(fds))
-            return self._event(R(header.request), header.need_reply, body, fds)
+            req = R(header.request)
+            check = self._CHECKS.get(req)
+            if check is None:
+                raise ProtocolError(req.name, "not supported by this back-end (its protocol feature "
+                                              "was not offered)")
+            try:
+                return check(self, req, header.need_reply, body, fds)
+            except NegotiationError as exc:
+                raise ProtocolError(req.name, str(exc)) from None
         except wire.WireError as exc:
             self.broken = ProtocolError(exc.request, exc.fault)
         except ProtocolError as exc:
@@ -323,151 +165,166 @@ class Session:
         if not self.has_protocol(feature):
             raise ProtocolError(req.name, f"protocol feature {feature.name} not negotiated")
 
-    def _event(self, req: R, nr: bool, body: Any, fds: list[int]) -> Event:
-        if req in (R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM,
-                   R.GET_MAX_MEM_SLOTS, R.GET_STATUS):
-            return Query(req, nr)
-        if req == R.SET_FEATURES:
-            value = body.u64
-            unknown = value & ~self.offered_features & ~(1 << 26)  # VHOST_F_LOG_ALL
-            if unknown:
-                # QEMU 7.2's vhost-user-rng forces ring features on whatever
-                # the back-end offers (design.md): accept, but say so.
-                log.warning("SET_FEATURES accepts bits that were not offered: %#x", unknown)
-            # VHOST_F_LOG_ALL (26) is toggled for migration at any time.
-            if self.negotiated_features is not None and self.status & STATUS_FEATURES_OK \
-                    and (value ^ self.negotiated_features) & ~(1 << 26):
-                raise ProtocolError(req.name, "features changed after FEATURES_OK without a reset")
-            self.accepted_features = value
-            self.features_set_count += 1
-            return FeaturesSet(req, nr, value)
-        if req == R.SET_PROTOCOL_FEATURES:
-            value = body.u64
-            extra = value & ~self.offered_protocol_features
-            if extra:
-                raise ProtocolError(req.name, f"protocol features not offered: {wire.protocol_feature_names(extra)}")
-            self.acked_protocol_features = value
-            return ProtocolFeaturesSet(req, nr, value)
-        if req == R.SET_OWNER:
-            self.owner = True
-            return OwnerSet(req, nr)
-        if req == R.RESET_OWNER:
-            return RingsReset(req, nr, full=False)
-        if req == R.RESET_DEVICE:
-            self._reset()
-            return RingsReset(req, nr, full=True)
-        if req == R.SET_MEM_TABLE:
-            regions = tuple(_region(r) for r in body.regions)
-            if len(regions) != len(fds):
-                raise ProtocolError(req.name, f"{len(regions)} regions but {len(fds)} fds")
-            for r in regions:
-                _check_region(req, r)
-            return MemTableSet(req, nr, regions, tuple(fds))
-        if req == R.ADD_MEM_REG:
-            self._require(req, PF.CONFIGURE_MEM_SLOTS)
-            region = _region(body.region)
-            _check_region(req, region)
-            return MemRegionAdded(req, nr, region, fds[0])
-        if req == R.REM_MEM_REG:
-            self._require(req, PF.CONFIGURE_MEM_SLOTS)
-            return MemRegionRemoved(req, nr, _region(body.region), fds[0] if fds else None)
-        if req == R.SET_VRING_NUM:
-            num = body.num
-            if num == 0 or num > MAX_VRING_NUM or num & (num - 1):
-                raise ProtocolError(req.name, f"queue size {num} is not a power of 2 in 1..{MAX_VRING_NUM}")
-            return VringNum(req, nr, self._index(req, body.index), num)
-        if req == R.SET_VRING_ADDR:
-            return VringAddr(req, nr, self._index(req, body.index), body.flags, body.desc_user_addr,
-                             body.used_user_addr, body.avail_user_addr, body.log_guest_addr)
-        if req == R.SET_VRING_BASE:
-            if body.num > 0xFFFF:
-                raise ProtocolError(req.name, f"base {body.num:#x} does not fit a split ring index")
-            return VringBase(req, nr, self._index(req, body.index), body.num)
-        if req == R.GET_VRING_BASE:
-            index = self._index(req, body.index)
-            self._rings_started.discard(index)
-            return VringStop(req, nr, index)
-        if req in EVENT_FD_REQUESTS:
-            value = body.u64
-            if value & ~(wire.VRING_IDX_MASK | wire.VRING_NOFD_MASK):
-                raise ProtocolError(req.name, f"reserved bits set in {value:#x}")
-            nofd = bool(value & wire.VRING_NOFD_MASK)
-            if nofd and fds:
-                raise ProtocolError(req.name, "fd attached although the no-fd flag is set")
-            if not nofd and not fds:
-                raise ProtocolError(req.name, "no fd attached and the no-fd flag is clear")
-            index = self._index(req, value & wire.VRING_IDX_MASK)
-            if req == R.SET_VRING_KICK:
-                self.start_ring(index)
-            return VringFd(req, nr, index, None if nofd else fds[0])
-        if req == R.SET_VRING_ENABLE:
-            if body.num > 1:
-                raise ProtocolError(req.name, f"enable value {body.num} is not 0 or 1")
-            return VringEnable(req, nr, self._index(req, body.index), bool(body.num))
-        if req == R.VRING_KICK:
-            self._require(req, PF.INBAND_NOTIFICATIONS)
-            return VringKickInband(req, nr, self._index(req, body.index))
-        if req == R.SET_BACKEND_REQ_FD:
-            self._require(req, PF.BACKEND_REQ)
-            return BackendChannelSet(req, nr, fds[0])
-        if req == R.GET_CONFIG:
-            if body.offset + body.size > wire.MAX_CONFIG_SIZE:
-                raise ProtocolError(req.name, f"offset {body.offset} + size {body.size} beyond config space")
-            return ConfigRead(req, nr, body.offset, body.size, body.flags)
-        if req == R.SET_CONFIG:
-            if body.offset + body.size > wire.MAX_CONFIG_SIZE:
-                raise ProtocolError(req.name, f"offset {body.offset} + size {body.size} beyond config space")
-            return ConfigWrite(req, nr, body.offset, bytes(body.payload), body.flags)
-        if req == R.SET_STATUS:
-            value = body.u64
-            if value > 0xFF:
-                raise ProtocolError(req.name, f"status {value:#x} does not fit 8 bits")
-            if value == 0:
-                self._reset()
-                return StatusSet(req, nr, 0, False, 0)
-            first_ok = bool(value & STATUS_FEATURES_OK) and not self.status & STATUS_FEATURES_OK
-            if (value & STATUS_DRIVER_OK and not value & STATUS_FEATURES_OK
-                    and self.negotiated_features is None and self.accepted_features is not None
-                    and not self.accepted_features & (1 << VIRTIO_F_VERSION_1)):
-                # A legacy driver (VERSION_1 not accepted, seed 003) has no
-                # FEATURES_OK step: its features are final at DRIVER_OK.
-                self.negotiated_features = self.accepted_features
-            return StatusSet(req, nr, value, first_ok, self.accepted_features or 0)
-        if req == R.SEND_RARP:
-            self._require(req, PF.RARP)
-            return DeviceRequest(req, nr, bytes(body.mac))
-        if req == R.NET_SET_MTU:
-            self._require(req, PF.MTU)
-            return DeviceRequest(req, nr, body.u64)
-        # Everything else belongs to protocol features this back-end never
-        # offers (logging, IOTLB, crypto, postcopy, inflight, GPU, shared
-        # objects, device state, cross-endian): receiving one is a protocol
-        # violation, reported by name.
-        raise ProtocolError(req.name, "not supported by this back-end (its protocol feature was not offered)")
+    # ------------------------------------------------------------ checks (one per request)
+
+    def _query(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        return E.Query(req, nr)
+
+    def _set_features(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        self.negotiation.set_features(body.u64)
+        self.features_set_count += 1
+        return E.FeaturesSet(req, nr, body.u64)
+
+    def _set_protocol_features(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        extra = body.u64 & ~self.offered_protocol_features
+        if extra:
+            raise ProtocolError(req.name, f"protocol features not offered: {wire.protocol_feature_names(extra)}")
+        self.acked_protocol_features = body.u64
+        return E.ProtocolFeaturesSet(req, nr, body.u64)
+
+    def _set_owner(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        self.owner = True
+        return E.OwnerSet(req, nr)
+
+    def _reset_owner(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        return E.RingsReset(req, nr, full=False)
+
+    def _reset_device(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        self.negotiation.reset()
+        return E.RingsReset(req, nr, full=True)
+
+    def _set_mem_table(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        regions = tuple(_region(r) for r in body.regions)
+        if len(regions) != len(fds):
+            raise ProtocolError(req.name, f"{len(regions)} regions but {len(fds)} fds")
+        for r in regions:
+            _check_region(req, r)
+        return E.MemTableSet(req, nr, regions, tuple(fds))
+
+    def _add_mem_reg(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        self._require(req, PF.CONFIGURE_MEM_SLOTS)
+        region = _region(body.region)
+        _check_region(req, region)
+        return E.MemRegionAdded(req, nr, region, fds[0])
+
+    def _rem_mem_reg(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        self._require(req, PF.CONFIGURE_MEM_SLOTS)
+        return E.MemRegionRemoved(req, nr, _region(body.region), fds[0] if fds else None)
+
+    def _set_vring_num(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        num = body.num
+        if num == 0 or num > MAX_VRING_NUM or num & (num - 1):
+            raise ProtocolError(req.name, f"queue size {num} is not a power of 2 in 1..{MAX_VRING_NUM}")
+        return E.VringNum(req, nr, self._index(req, body.index), num)
+
+    def _set_vring_addr(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        return E.VringAddr(req, nr, self._index(req, body.index), body.flags, body.desc_user_addr,
+                           body.used_user_addr, body.avail_user_addr, body.log_guest_addr)
+
+    def _set_vring_base(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        if body.num > 0xFFFF:
+            raise ProtocolError(req.name, f"base {body.num:#x} does not fit a split ring index")
+        return E.VringBase(req, nr, self._index(req, body.index), body.num)
+
+    def _get_vring_base(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        return E.VringStop(req, nr, self._index(req, body.index))
+
+    def _set_vring_fd(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        value = body.u64
+        if value & ~(wire.VRING_IDX_MASK | wire.VRING_NOFD_MASK):
+            raise ProtocolError(req.name, f"reserved bits set in {value:#x}")
+        nofd = bool(value & wire.VRING_NOFD_MASK)
+        if nofd and fds:
+            raise ProtocolError(req.name, "fd attached although the no-fd flag is set")
+        if not nofd and not fds:
+            raise ProtocolError(req.name, "no fd attached and the no-fd flag is clear")
+        index = self._index(req, value & wire.VRING_IDX_MASK)
+        if req == R.SET_VRING_KICK:
+            self.start_ring(index)
+        return E.VringFd(req, nr, index, None if nofd else fds[0])
+
+    def _set_vring_enable(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        if body.num > 1:
+            raise ProtocolError(req.name, f"enable value {body.num} is not 0 or 1")
+        return E.VringEnable(req, nr, self._index(req, body.index), bool(body.num))
+
+    def _vring_kick(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        self._require(req, PF.INBAND_NOTIFICATIONS)
+        return E.VringKickInband(req, nr, self._index(req, body.index))
+
+    def _set_backend_req_fd(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        self._require(req, PF.BACKEND_REQ)
+        return E.BackendChannelSet(req, nr, fds[0])
+
+    def _config_range(self, req: R, body: Any) -> None:
+        if body.offset + body.size > wire.MAX_CONFIG_SIZE:
+            raise ProtocolError(req.name, f"offset {body.offset} + size {body.size} beyond config space")
+
+    def _get_config(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        self._config_range(req, body)
+        return E.ConfigRead(req, nr, body.offset, body.size, body.flags)
+
+    def _set_config(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        self._config_range(req, body)
+        return E.ConfigWrite(req, nr, body.offset, bytes(body.payload), body.flags)
+
+    def _set_status(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        if body.u64 > 0xFF:
+            raise ProtocolError(req.name, f"status {body.u64:#x} does not fit 8 bits")
+        change = self.negotiation.set_status(body.u64)
+        return E.StatusSet(req, nr, change.status, change.features_ok_requested, change.accepted)
+
+    def _send_rarp(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        self._require(req, PF.RARP)
+        return E.DeviceRequest(req, nr, bytes(body.mac))
+
+    def _net_set_mtu(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        self._require(req, PF.MTU)
+        return E.DeviceRequest(req, nr, body.u64)
+
+    _CHECKS: ClassVar[Mapping[R, Check]] = {
+        R.GET_FEATURES: _query,
+        R.GET_PROTOCOL_FEATURES: _query,
+        R.GET_QUEUE_NUM: _query,
+        R.GET_MAX_MEM_SLOTS: _query,
+        R.GET_STATUS: _query,
+        R.SET_FEATURES: _set_features,
+        R.SET_PROTOCOL_FEATURES: _set_protocol_features,
+        R.SET_OWNER: _set_owner,
+        R.RESET_OWNER: _reset_owner,
+        R.RESET_DEVICE: _reset_device,
+        R.SET_MEM_TABLE: _set_mem_table,
+        R.ADD_MEM_REG: _add_mem_reg,
+        R.REM_MEM_REG: _rem_mem_reg,
+        R.SET_VRING_NUM: _set_vring_num,
+        R.SET_VRING_ADDR: _set_vring_addr,
+        R.SET_VRING_BASE: _set_vring_base,
+        R.GET_VRING_BASE: _get_vring_base,
+        R.SET_VRING_KICK: _set_vring_fd,
+        R.SET_VRING_CALL: _set_vring_fd,
+        R.SET_VRING_ERR: _set_vring_fd,
+        R.SET_VRING_ENABLE: _set_vring_enable,
+        R.VRING_KICK: _vring_kick,
+        R.SET_BACKEND_REQ_FD: _set_backend_req_fd,
+        R.GET_CONFIG: _get_config,
+        R.SET_CONFIG: _set_config,
+        R.SET_STATUS: _set_status,
+        R.SEND_RARP: _send_rarp,
+        R.NET_SET_MTU: _net_set_mtu,
+    }
 
     def start_ring(self, index: int) -> None:
-        """A ring starts (kick fd received).  Without the STATUS protocol
-        feature this is where vhost-user's late SET_FEATURES becomes final."""
-        self._rings_started.add(index)
-        if self.negotiated_features is None and not self.has_protocol(PF.STATUS) \
-                and self.accepted_features is not None:
-            self.negotiated_features = self.accepted_features
-
-    def _reset(self) -> None:
-        self.accepted_features = None
-        self.negotiated_features = None
-        self.status = 0
-        self.needs_reset = False
-        self._rings_started.clear()
+        """A ring starts (kick fd received): negotiation rule 8."""
+        self.negotiation.ring_started(self.has_protocol(PF.STATUS))
 
     def mark_needs_reset(self) -> None:
         """The guest put garbage in a ring: report DEVICE_NEEDS_RESET through
         GET_STATUS (virtio spec 2.1.2) until the driver resets the device."""
-        self.needs_reset = True
+        self.negotiation.needs_reset = True
 
     # ------------------------------------------------------------ output
 
-    def reply(self, event: Event, result: Any = None) -> bytes | None:
+    def reply(self, event: E.Event, result: Any = None) -> bytes | None:
         """Build the reply to ``event`` given the caller's ``result``.
 
         REPLY_ACK is handled here (style.md: it is the core's job): a request
@@ -476,13 +333,13 @@ class Session:
         Refusal.
         """
         req = event.request
-        refused = isinstance(result, Refusal)
-        if isinstance(event, Query):
-            return wire.encode_u64_reply(req, self._query(req))
-        if isinstance(event, VringStop):
+        refused = isinstance(result, E.Refusal)
+        if isinstance(event, E.Query):
+            return wire.encode_u64_reply(req, self._answer(req))
+        if isinstance(event, E.VringStop):
             base = 0 if refused or result is None else int(result)
             return wire.encode_reply(req, wire.VringState, {"index": event.index, "num": base})
-        if isinstance(event, ConfigRead):
+        if isinstance(event, E.ConfigRead):
             if refused or result is None:
                 # The spec's error signal: a reply with an empty payload.
                 return wire.encode_header(req, wire.FLAG_REPLY, 0)
@@ -491,42 +348,29 @@ class Session:
                 raise ValueError(f"config read returned {len(data)} bytes, {event.size} asked")
             return wire.encode_reply(req, wire.Config, {"offset": event.offset, "size": event.size,
                                                          "flags": event.flags, "payload": data})
-        if isinstance(event, StatusSet):
-            self._apply_status(event, refused)
+        if isinstance(event, E.StatusSet):
+            self.negotiation.settle(StatusChange(event.status, event.features_ok_requested, event.accepted),
+                                    refused)
         if event.need_reply and self.reply_ack:
             return wire.encode_u64_reply(req, 1 if refused else 0)
         return None
 
-    def _apply_status(self, event: StatusSet, refused: bool) -> None:
-        if event.status == 0:
-            return
-        value = event.status
-        if event.features_ok_requested:
-            if refused:
-                value &= ~STATUS_FEATURES_OK
-            else:
-                self.negotiated_features = event.accepted
-        self.status = value
-
-    def _query(self, req: R) -> int:
-        if req == R.GET_FEATURES:
-            return self.offered_features
-        if req == R.GET_PROTOCOL_FEATURES:
-            return self.offered_protocol_features
-        if req == R.GET_QUEUE_NUM:
-            return self.num_queues if self.queue_num is None else self.queue_num
-        if req == R.GET_MAX_MEM_SLOTS:
-            return self.max_mem_slots
-        if req == R.GET_STATUS:
-            return self.status | (STATUS_NEEDS_RESET if self.needs_reset else 0)
-        raise AssertionError(req)
+    def _answer(self, req: R) -> int:
+        answers = {
+            R.GET_FEATURES: lambda: self.offered_features,
+            R.GET_PROTOCOL_FEATURES: lambda: self.offered_protocol_features,
+            R.GET_QUEUE_NUM: lambda: self.num_queues if self.queue_num is None else self.queue_num,
+            R.GET_MAX_MEM_SLOTS: lambda: self.max_mem_slots,
+            R.GET_STATUS: lambda: self.negotiation.device_status,
+        }
+        return int(answers[req]())
 
 
-def _region(c: Any) -> MemRegion:
-    return MemRegion(c.guest_phys_addr, c.memory_size, c.userspace_addr, c.mmap_offset)
+def _region(c: Any) -> E.MemRegion:
+    return E.MemRegion(c.guest_phys_addr, c.memory_size, c.userspace_addr, c.mmap_offset)
 
 
-def _check_region(req: R, r: MemRegion) -> None:
+def _check_region(req: R, r: E.MemRegion) -> None:
     if r.size == 0:
         raise ProtocolError(req.name, "memory region of size 0")
     if r.gpa + r.size > 1 << 64 or r.uva + r.size > 1 << 64:

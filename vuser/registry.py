@@ -1,13 +1,17 @@
 """Device discovery through the ``vuser.devices`` entry-point group, so a
-third-party package adds devices exactly the way vuser's own do."""
+third-party package adds devices exactly the way vuser's own do.  An entry
+point names a ``vuser.plugin.DevicePlugin`` (or, for a device with nothing
+special, its ``Device`` class, which gets a plain plugin)."""
 
 from __future__ import annotations
 
 import importlib
 import logging
 from importlib.metadata import entry_points
+from typing import Any
 
 from .device import Device
+from .plugin import DevicePlugin
 
 log = logging.getLogger(__name__)
 
@@ -15,36 +19,42 @@ GROUP = "vuser.devices"
 # Used only when vuser runs from a tree that was never installed (no
 # entry-point metadata); an installed vuser registers these in pyproject.toml.
 _BUILTIN = {
-    "rng": "vuser.devices.rng:RngDevice",
-    "balloon": "vuser.devices.balloon:BalloonDevice",
-    "net": "vuser.devices.net:NetDevice",
+    "rng": "vuser.devices.rng:plugin",
+    "balloon": "vuser.devices.balloon:plugin",
+    "net": "vuser.devices.net:plugin",
 }
 
 
-def _load(target: str) -> type[Device]:
+class UnknownDevice(LookupError):
+    """No device of that name is registered."""
+
+
+def _load(target: str) -> DevicePlugin[Any]:
     module, _, attr = target.partition(":")
-    cls = getattr(importlib.import_module(module), attr)
-    if not (isinstance(cls, type) and issubclass(cls, Device)):
-        raise TypeError(f"{target} is not a vuser Device class")
-    return cls
+    obj = getattr(importlib.import_module(module), attr)
+    if isinstance(obj, DevicePlugin):
+        return obj
+    if isinstance(obj, type) and issubclass(obj, Device):
+        return DevicePlugin(obj)
+    raise TypeError(f"{target} is neither a vuser DevicePlugin nor a Device class")
 
 
 def available() -> dict[str, str]:
-    """Device name -> "module:Class"."""
+    """Device name -> "module:object"."""
     found = dict(_BUILTIN)
     for ep in entry_points(group=GROUP):
         found[ep.name] = ep.value
     return found
 
 
-def load(name: str) -> type[Device]:
+def load(name: str) -> DevicePlugin[Any]:
     targets = available()
     if name not in targets:
-        raise KeyError(f"unknown device {name!r}; available: {', '.join(sorted(targets))}")
+        raise UnknownDevice(f"unknown device {name!r} (available: {', '.join(sorted(targets))})")
     return _load(targets[name])
 
 
-def load_all() -> dict[str, type[Device]]:
+def load_all() -> dict[str, DevicePlugin[Any]]:
     out = {}
     for name, target in sorted(available().items()):
         try:
@@ -52,3 +62,15 @@ def load_all() -> dict[str, type[Device]]:
         except Exception as exc:  # a broken third-party plugin must not hide the others
             log.warning("cannot load device %s (%s): %s", name, target, exc)
     return out
+
+
+def plugin_for(device: Device) -> DevicePlugin[Any]:
+    """The registered plugin of ``device``'s type (a plain one if its type
+    is not registered, e.g. a test's subclass)."""
+    try:
+        plugin = load(device.name)
+    except (UnknownDevice, ImportError, TypeError):
+        return DevicePlugin(type(device))
+    if isinstance(device, plugin.device):
+        return plugin
+    return DevicePlugin(type(device))

@@ -1,34 +1,45 @@
-"""Runs one device: the vhost-user socket (server or client mode), the
-optional control socket, and the status they share."""
+"""Runs devices: one vhost-user socket per device instance (server or client
+mode), the optional control socket, and the status and commands they share.
+
+Control commands: ``status`` (``vuser.status``), ``commands`` (what this
+process answers to), and the commands of the device's plugin
+(``vuser.plugin.Command``), run on the device instances in socket order.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import trio
 
-from .connection import Connection
+from .connection import DeviceConnection
 from .control import serve_control
 from .device import Device
+from .plugin import BackgroundTask, CommandError, DevicePlugin
+from .status import group_status, socket_status
 from .transport import serve_client, serve_unix
 
 log = logging.getLogger(__name__)
 
 
 class Runner:
+    """Serves one device on one socket (one front-end at a time)."""
+
     def __init__(self, device: Device, socket_path: str, *, client: bool = False,
-                 control_path: str | None = None, ring_impl: str = "native") -> None:
+                 control_path: str | None = None, ring_impl: str = "native",
+                 plugin: DevicePlugin[Any] | None = None) -> None:
         self.device = device
         self.socket_path = socket_path
         self.client = client
         self.control_path = control_path
         self.ring_impl = ring_impl
-        self.connection: Connection | None = None
+        self.plugin = plugin
+        self.connection: DeviceConnection | None = None
         self.connections = 0
 
     async def _handle(self, sock: trio.socket.SocketType) -> None:
-        conn = Connection(self.device, sock, ring_impl=self.ring_impl, name=f"{self.device.name}")
+        conn = DeviceConnection(self.device, sock, ring_impl=self.ring_impl, name=self.device.name)
         self.connection = conn
         self.connections += 1
         try:
@@ -36,33 +47,12 @@ class Runner:
         finally:
             self.connection = None
 
-    def status(self) -> dict[str, Any]:
-        dev = self.device
-        out: dict[str, Any] = {
-            "device": dev.name,
-            "virtio_id": dev.virtio_id,
-            "socket": self.socket_path,
-            "mode": "client" if self.client else "server",
-            "connections": self.connections,
-            "offered_features": dev.feature_names(dev.offered_bits),
-        }
-        if self.connection is not None:
-            out.update(self.connection.status())
-        else:
-            out.update({"connected": False, "queue_policy": dev.queue_policy,
-                        "queues": dev.queue_layout(None).as_list(), "negotiated_features": None})
-        device_status = dev.status()
-        out["device_status"] = device_status
-        # Device figures also at the top level (e.g. the balloon's target,
-        # actual, bytes_released, stats), without shadowing generic keys.
-        for key, value in device_status.items():
-            out.setdefault(key, value)
-        return out
+    def status(self, with_device: bool = True) -> dict[str, Any]:
+        return socket_status(self.device, self.socket_path, client=self.client, connections=self.connections,
+                             conn=self.connection, with_device=with_device)
 
     def control(self, command: str, args: list[str]) -> Any:
-        if command == "status":
-            return self.status()
-        return self.device.control(command, args)
+        return RunnerGroup([self], plugin=self.plugin).control(command, args)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -75,7 +65,7 @@ class Runner:
 
 class RunnerGroup:
     """Several sockets served by one process (a multi-port device such as
-    net: one Runner, so one Connection and one device, per socket), one
+    net: one Runner, so one connection and one device, per socket), one
     control socket for all of them, and the devices' shared background work
     (``background``: ``async fn(task_status=...)`` run once, such as the net
     switch's tap readers).
@@ -83,29 +73,40 @@ class RunnerGroup:
     With one runner the control socket answers exactly as that runner's.
     """
 
-    def __init__(self, runners: list[Runner], *, control_path: str | None = None,
-                 background: list[Any] | None = None) -> None:
+    def __init__(self, runners: Sequence[Runner], *, control_path: str | None = None,
+                 background: Sequence[BackgroundTask] = (), plugin: DevicePlugin[Any] | None = None) -> None:
         if not runners:
             raise ValueError("a runner group needs at least one runner")
-        self.runners = runners
+        self.runners = list(runners)
         self.control_path = control_path
-        self.background = list(background or [])
+        self.background = list(background)
+        if plugin is None:
+            from .registry import plugin_for
+            plugin = plugin_for(self.runners[0].device)
+        self.plugin = plugin
+
+    @property
+    def devices(self) -> list[Device]:
+        return [r.device for r in self.runners]
 
     def status(self) -> dict[str, Any]:
         if len(self.runners) == 1:
             return self.runners[0].status()
-        first = self.runners[0].device
-        sockets = []
-        for r in self.runners:
-            s = r.status()
-            s.pop("device_status", None)
-            sockets.append(s)
-        return {"device": first.name, "sockets": sockets, "device_status": first.status()}
+        return group_status([r.status(with_device=False) for r in self.runners], self.runners[0].device)
 
     def control(self, command: str, args: list[str]) -> Any:
         if command == "status":
+            if args:
+                raise CommandError("status takes no arguments")
             return self.status()
-        return self.runners[0].device.control(command, args)
+        if command == "commands":
+            return [{"name": "status", "usage": "status", "help": "connection, features, queues, device"},
+                    *(c.describe() for c in self.plugin.commands)]
+        found = self.plugin.command(command)
+        if found is None:
+            known = ", ".join(["status", "commands", *(c.name for c in self.plugin.commands)])
+            raise CommandError(f"{self.plugin.name}: unknown command {command!r} (commands: {known})")
+        return found(self.devices, args)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

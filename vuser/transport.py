@@ -1,8 +1,8 @@
-"""Unix-socket message I/O with SCM_RIGHTS, and the listen / connect loops.
+"""Unix sockets: listening, serving one front-end at a time, and client
+mode (connect and reconnect).  Message framing is ``vuser.stream``.
 
-Resource handling: every fd received is handed to exactly one owner (the
-caller of ``recv_message``); on a framing error the fds received so far are
-closed here.  Sockets are closed by whoever opened them.
+Resource handling: sockets are closed by whoever opened them; a served
+connection is closed when its handler returns.
 
 Error handling: only ``OSError`` from connect/accept is retried (with
 backoff in client mode); a protocol error ends one connection, never the
@@ -11,102 +11,15 @@ loop.
 
 from __future__ import annotations
 
-import array
 import logging
 import os
 import socket
 import stat
-from typing import Awaitable, Callable, Sequence
+from typing import Awaitable, Callable
 
 import trio
 
-from . import wire
-
 log = logging.getLogger(__name__)
-
-_FD_SPACE = socket.CMSG_SPACE(wire.MAX_FDS * array.array("i").itemsize)
-
-
-class Disconnected(Exception):
-    """The peer closed the connection (possibly mid-message)."""
-
-
-def close_fds(fds: Sequence[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
-            fds.extend(arr)
-    return fds
-
-
-class _Truncated(Exception):
-    """End of stream after ``received`` bytes of an expected read."""
-
-    def __init__(self, received: int) -> None:
-        self.received = received
-
-
-async def _recv_exact(sock: trio.socket.SocketType, size: int, fds: list[int]) -> bytes:
-    """Read exactly ``size`` bytes; fds that arrive on the way are appended.
-    Raises _Truncated at end of stream."""
-    buf = bytearray()
-    while len(buf) < size:
-        data, ancdata, flags, _ = await sock.recvmsg(size - len(buf), _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
-        fds.extend(take_fds(ancdata))
-        if flags & socket.MSG_CTRUNC:
-            raise wire.WireError("message", "too many fds attached (control data truncated)")
-        if not data:
-            raise _Truncated(len(buf))
-        buf += data
-    return bytes(buf)
-
-
-async def recv_message(sock: trio.socket.SocketType, *, backend: bool = False
-                       ) -> tuple[wire.RawHeader, bytes, list[int]]:
-    """Receive one whole message.  Raises Disconnected at a clean end of
-    stream (between messages) and WireError on a bad header or a message cut
-    short by the end of stream (fds received so far are closed in every
-    case)."""
-    fds: list[int] = []
-    try:
-        try:
-            head = await _recv_exact(sock, wire.HEADER_SIZE, fds)
-        except _Truncated as exc:
-            if not exc.received:
-                raise Disconnected("peer closed the connection") from None
-            raise wire.WireError("header", f"connection closed after {exc.received} of "
-                                           f"{wire.HEADER_SIZE} header bytes") from None
-        header = wire.decode_header(head)
-        try:
-            payload = await _recv_exact(sock, header.size, fds) if header.size else b""
-        except _Truncated as exc:
-            raise wire.WireError(wire.request_name(header.request, backend),
-                                 f"connection closed after {exc.received} of {header.size} "
-                                 f"payload bytes") from None
-    except BaseException:
-        close_fds(fds)
-        raise
-    return header, payload, fds
-
-
-async def send_message(sock: trio.socket.SocketType, data: bytes, fds: Sequence[int] = ()) -> None:
-    anc = []
-    if fds:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-    view = memoryview(data)
-    sent = await sock.sendmsg([view], anc)
-    while sent < len(data):
-        sent += await sock.send(view[sent:])
 
 
 ConnectionHandler = Callable[[trio.socket.SocketType], Awaitable[None]]
@@ -125,12 +38,18 @@ def _prepare_socket_path(path: str) -> None:
 async def listen_unix(path: str, *, backlog: int = 1, private: bool = True) -> trio.socket.SocketType:
     """A listening unix socket at ``path`` (a stale socket file there is
     replaced; any other file is an error), created 0600 when ``private``."""
-    _prepare_socket_path(path)
+    try:
+        _prepare_socket_path(path)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror or exc}") from None
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177) if private else None
     try:
         await listener.bind(path)
         listener.listen(backlog)
+    except OSError as exc:
+        listener.close()
+        raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror or exc}") from None
     except BaseException:
         listener.close()
         raise

@@ -1,10 +1,16 @@
-"""vhost-user wire format: header, request numbers, payload layouts.
+"""vhost-user wire format: header, payload layouts, and the request table.
 
 Everything here is syntax only (QEMU docs/interop/vhost-user.rst,
-"Message Specification"): byte layouts, request numbers, flag bits, how many
-file descriptors each request may carry.  Meaning (is this request allowed
-now, is the index in range) is the protocol layer's job.  construct objects
-never leave this module: callers get plain ``Container``/dict values.
+"Message Specification"): byte layouts, flag bits, payload size rules, how
+many file descriptors each request may carry.  Meaning (is this request
+allowed now, is the index in range) is the protocol layer's job.
+construct objects never leave this module: callers get plain
+``Container``/dict values.
+
+The request table (``REQUESTS``) is the one description of every request:
+its layout, its size rule, its fds, its reply, and the event
+(``vuser.events``) it becomes.  The session, the handler and the front-end
+harness all derive what they do from it.
 
 All numbers are in the machine's native byte order (the spec says so), hence
 the ``*un`` construct types.
@@ -14,7 +20,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from . import events as E
+from .codes import BackendRequest, ProtocolFeature, Request, protocol_feature_names
+from .virtio import Transport
 
 from construct import (
     Array,
@@ -54,104 +64,9 @@ VRING_NOFD_MASK = 1 << 8
 
 # Feature bit that advertises GET/SET_PROTOCOL_FEATURES (the spec reuses the
 # reserved virtio bit 30).
-VHOST_USER_F_PROTOCOL_FEATURES = 30
+VHOST_USER_F_PROTOCOL_FEATURES = int(Transport.PROTOCOL_FEATURES)
 
-
-class Request(enum.IntEnum):
-    """Front-end to back-end requests (vhost-user.rst, "Front-end message types")."""
-
-    GET_FEATURES = 1
-    SET_FEATURES = 2
-    SET_OWNER = 3
-    RESET_OWNER = 4
-    SET_MEM_TABLE = 5
-    SET_LOG_BASE = 6
-    SET_LOG_FD = 7
-    SET_VRING_NUM = 8
-    SET_VRING_ADDR = 9
-    SET_VRING_BASE = 10
-    GET_VRING_BASE = 11
-    SET_VRING_KICK = 12
-    SET_VRING_CALL = 13
-    SET_VRING_ERR = 14
-    GET_PROTOCOL_FEATURES = 15
-    SET_PROTOCOL_FEATURES = 16
-    GET_QUEUE_NUM = 17
-    SET_VRING_ENABLE = 18
-    SEND_RARP = 19
-    NET_SET_MTU = 20
-    SET_BACKEND_REQ_FD = 21
-    IOTLB_MSG = 22
-    SET_VRING_ENDIAN = 23
-    GET_CONFIG = 24
-    SET_CONFIG = 25
-    CREATE_CRYPTO_SESSION = 26
-    CLOSE_CRYPTO_SESSION = 27
-    POSTCOPY_ADVISE = 28
-    POSTCOPY_LISTEN = 29
-    POSTCOPY_END = 30
-    GET_INFLIGHT_FD = 31
-    SET_INFLIGHT_FD = 32
-    GPU_SET_SOCKET = 33
-    RESET_DEVICE = 34
-    VRING_KICK = 35
-    GET_MAX_MEM_SLOTS = 36
-    ADD_MEM_REG = 37
-    REM_MEM_REG = 38
-    SET_STATUS = 39
-    GET_STATUS = 40
-    GET_SHARED_OBJECT = 41
-    SET_DEVICE_STATE_FD = 42
-    CHECK_DEVICE_STATE = 43
-
-
-class BackendRequest(enum.IntEnum):
-    """Back-end to front-end requests on the back-end channel."""
-
-    IOTLB_MSG = 1
-    CONFIG_CHANGE_MSG = 2
-    VRING_HOST_NOTIFIER_MSG = 3
-    VRING_CALL = 4
-    VRING_ERR = 5
-    SHARED_OBJECT_ADD = 6
-    SHARED_OBJECT_REMOVE = 7
-    SHARED_OBJECT_LOOKUP = 8
-
-
-class ProtocolFeature(enum.IntEnum):
-    """VHOST_USER_PROTOCOL_F_* bit numbers."""
-
-    MQ = 0
-    LOG_SHMFD = 1
-    RARP = 2
-    REPLY_ACK = 3
-    MTU = 4
-    BACKEND_REQ = 5
-    CROSS_ENDIAN = 6
-    CRYPTO_SESSION = 7
-    PAGEFAULT = 8
-    CONFIG = 9
-    BACKEND_SEND_FD = 10
-    HOST_NOTIFIER = 11
-    INFLIGHT_SHMFD = 12
-    RESET_DEVICE = 13
-    INBAND_NOTIFICATIONS = 14
-    CONFIGURE_MEM_SLOTS = 15
-    STATUS = 16
-    XEN_MMAP = 17
-    SHARED_OBJECT = 18
-    DEVICE_STATE = 19
-
-
-def protocol_feature_names(bits: int) -> list[str]:
-    names = []
-    for bit in range(64):
-        if bits & (1 << bit):
-            try:
-                names.append(ProtocolFeature(bit).name)
-            except ValueError:
-                names.append(f"bit{bit}")
-    return names
+__all__ = ["BackendRequest", "ProtocolFeature", "Request", "protocol_feature_names"]
 
 
 # ---------------------------------------------------------------- layouts
@@ -218,93 +133,159 @@ CONFIG_FLAG_WRITABLE = 0
 CONFIG_FLAG_MIGRATION = 1
 
 
+# ---------------------------------------------------------------- size rules
+
+SizeRule = Callable[[bytes], "str | None"]
+"""A payload size rule: the payload in, None if its size is right, else
+what is wrong with it."""
+
+
+def exact(*sizes: int) -> SizeRule:
+    allowed = frozenset(sizes)
+    want = " or ".join(str(s) for s in sorted(allowed))
+
+    def rule(payload: bytes) -> str | None:
+        return None if len(payload) in allowed else f"payload is {len(payload)} bytes, expected {want}"
+    return rule
+
+
+def _mem_table_size(payload: bytes) -> str | None:
+    size = len(payload)
+    if size < 8:
+        return f"payload is {size} bytes, too short for a memory table"
+    n = int.from_bytes(payload[:4], "little")
+    if n > MAX_MEM_TABLE_REGIONS:
+        return f"{n} regions, at most {MAX_MEM_TABLE_REGIONS}"
+    # QEMU and DPDK send exactly the regions in use; a front-end sending
+    # the whole 8-slot array is also well-formed.
+    if size not in (8 + n * MEMORY_REGION_SIZE, 8 + MAX_MEM_TABLE_REGIONS * MEMORY_REGION_SIZE):
+        return f"payload is {size} bytes for {n} regions"
+    return None
+
+
+def _config_size(payload: bytes) -> str | None:
+    size = len(payload)
+    if size < CONFIG_HEADER_SIZE:
+        return f"payload is {size} bytes, shorter than the config header"
+    csize = int.from_bytes(payload[4:8], "little")
+    if csize > MAX_CONFIG_SIZE:
+        return f"config size {csize} exceeds {MAX_CONFIG_SIZE}"
+    if size != CONFIG_HEADER_SIZE + csize:
+        return f"payload is {size} bytes, header says {csize} config bytes"
+    return None
+
+
+def at_least(minimum: int, what: str) -> SizeRule:
+    def rule(payload: bytes) -> str | None:
+        if len(payload) < minimum:
+            return f"payload is {len(payload)} bytes, too short for {what}"
+        return None
+    return rule
+
+
+# ---------------------------------------------------------------- the table
+
+
 @dataclass(frozen=True)
 class MessageSpec:
     """One row of the request table (style.md: one table, one row a message).
 
-    ``sizes`` is the exact set of payload sizes accepted, or None when the
-    layout has a variable size checked by ``size_ok``.  ``fds`` is the
-    inclusive (min, max) number of file descriptors the request may carry.
-    ``reply`` is the reply layout for requests that always reply (not counting
-    REPLY_ACK), else None.
+    ``size`` checks the payload size (``exact(...)`` for fixed layouts).
+    ``fds`` is the inclusive (min, max) number of file descriptors the
+    request may carry.  ``reply`` is the reply layout of requests that
+    always reply (not counting REPLY_ACK), else None; ``reply_with`` names
+    the protocol feature without which such a request does not reply
+    (SET_LOG_BASE replies only with LOG_SHMFD).  ``event`` is the event
+    type (``vuser.events``) the request becomes.
     """
 
     layout: Construct
-    sizes: frozenset[int] | None
+    size: SizeRule
+    event: type[E.Event]
     fds: tuple[int, int] = (0, 0)
     reply: Construct | None = None
+    reply_with: ProtocolFeature | None = None
+
+    def replies(self, protocol_features: int) -> bool:
+        """Does this request bring a reply of its own (REPLY_ACK aside)
+        once ``protocol_features`` are negotiated?"""
+        if self.reply is None:
+            return False
+        return self.reply_with is None or bool(protocol_features & (1 << self.reply_with))
 
 
-def _fixed(layout: Construct, fds: tuple[int, int] = (0, 0), reply: Construct | None = None,
-           also: tuple[int, ...] = ()) -> MessageSpec:
-    return MessageSpec(layout, frozenset((layout.sizeof(), *also)), fds, reply)
-
-
-def _variable(layout: Construct, fds: tuple[int, int] = (0, 0),
-              reply: Construct | None = None) -> MessageSpec:
-    return MessageSpec(layout, None, fds, reply)
+def _fixed(layout: Construct, event: type[E.Event], fds: tuple[int, int] = (0, 0),
+           reply: Construct | None = None, also: tuple[int, ...] = (),
+           reply_with: ProtocolFeature | None = None) -> MessageSpec:
+    return MessageSpec(layout, exact(layout.sizeof(), *also), event, fds, reply, reply_with)
 
 
 # QEMU sends GET_* requests with size 0, but some front-ends put a u64 (0)
 # payload on them; both are accepted for the payload-less requests that
 # reply with a u64.
-_NOARG = (0, 8)
+def _query() -> MessageSpec:
+    return MessageSpec(Empty, exact(0, 8), E.Query, reply=U64)
+
 
 REQUESTS: Mapping[Request, MessageSpec] = {
-    Request.GET_FEATURES: MessageSpec(Empty, frozenset(_NOARG), reply=U64),
-    Request.SET_FEATURES: _fixed(U64),
-    Request.SET_OWNER: _fixed(Empty),
-    Request.RESET_OWNER: _fixed(Empty),
-    Request.SET_MEM_TABLE: _variable(MemTable, fds=(0, MAX_MEM_TABLE_REGIONS)),
-    Request.SET_LOG_BASE: _fixed(Log, fds=(0, 1), reply=U64, also=(8,)),
-    Request.SET_LOG_FD: _fixed(Empty, fds=(1, 1), also=(8,)),
-    Request.SET_VRING_NUM: _fixed(VringState),
-    Request.SET_VRING_ADDR: _fixed(VringAddr),
-    Request.SET_VRING_BASE: _fixed(VringState),
-    Request.GET_VRING_BASE: _fixed(VringState, reply=VringState),
-    Request.SET_VRING_KICK: _fixed(U64, fds=(0, 1)),
-    Request.SET_VRING_CALL: _fixed(U64, fds=(0, 1)),
-    Request.SET_VRING_ERR: _fixed(U64, fds=(0, 1)),
-    Request.GET_PROTOCOL_FEATURES: MessageSpec(Empty, frozenset(_NOARG), reply=U64),
-    Request.SET_PROTOCOL_FEATURES: _fixed(U64),
-    Request.GET_QUEUE_NUM: MessageSpec(Empty, frozenset(_NOARG), reply=U64),
-    Request.SET_VRING_ENABLE: _fixed(VringState),
-    Request.SEND_RARP: _fixed(RarpMac),
-    Request.NET_SET_MTU: _fixed(U64),
-    Request.SET_BACKEND_REQ_FD: _fixed(Empty, fds=(1, 1), also=(8,)),
-    Request.IOTLB_MSG: _fixed(Iotlb, reply=U64),
-    Request.SET_VRING_ENDIAN: _fixed(VringState),
-    Request.GET_CONFIG: _variable(Config, reply=Config),
-    Request.SET_CONFIG: _variable(Config),
-    Request.CREATE_CRYPTO_SESSION: _variable(CryptoSession, reply=CryptoSession),
-    Request.CLOSE_CRYPTO_SESSION: _fixed(U64),
-    Request.POSTCOPY_ADVISE: _fixed(Empty, reply=U64),
-    Request.POSTCOPY_LISTEN: _fixed(Empty),
-    Request.POSTCOPY_END: _fixed(Empty, reply=U64),
-    Request.GET_INFLIGHT_FD: _fixed(Inflight, reply=Inflight),
-    Request.SET_INFLIGHT_FD: _fixed(Inflight, fds=(1, 1)),
-    Request.GPU_SET_SOCKET: _fixed(Empty, fds=(1, 1)),
-    Request.RESET_DEVICE: _fixed(Empty),
-    Request.VRING_KICK: _fixed(VringState),
-    Request.GET_MAX_MEM_SLOTS: MessageSpec(Empty, frozenset(_NOARG), reply=U64),
-    Request.ADD_MEM_REG: _fixed(SingleMemReg, fds=(1, 1)),
-    Request.REM_MEM_REG: _fixed(SingleMemReg, fds=(0, 1)),
-    Request.SET_STATUS: _fixed(U64),
-    Request.GET_STATUS: MessageSpec(Empty, frozenset(_NOARG), reply=U64),
-    Request.GET_SHARED_OBJECT: _fixed(Shared, reply=U64),
-    Request.SET_DEVICE_STATE_FD: _fixed(DeviceStateTransfer, fds=(1, 1), reply=U64),
-    Request.CHECK_DEVICE_STATE: _fixed(Empty, reply=U64),
+    Request.GET_FEATURES: _query(),
+    Request.SET_FEATURES: _fixed(U64, E.FeaturesSet),
+    Request.SET_OWNER: _fixed(Empty, E.OwnerSet),
+    Request.RESET_OWNER: _fixed(Empty, E.RingsReset),
+    Request.SET_MEM_TABLE: MessageSpec(MemTable, _mem_table_size, E.MemTableSet, fds=(0, MAX_MEM_TABLE_REGIONS)),
+    Request.SET_LOG_BASE: _fixed(Log, E.Unsupported, fds=(0, 1), reply=U64, also=(8,),
+                                 reply_with=ProtocolFeature.LOG_SHMFD),
+    Request.SET_LOG_FD: _fixed(Empty, E.Unsupported, fds=(1, 1), also=(8,)),
+    Request.SET_VRING_NUM: _fixed(VringState, E.VringNum),
+    Request.SET_VRING_ADDR: _fixed(VringAddr, E.VringAddr),
+    Request.SET_VRING_BASE: _fixed(VringState, E.VringBase),
+    Request.GET_VRING_BASE: _fixed(VringState, E.VringStop, reply=VringState),
+    Request.SET_VRING_KICK: _fixed(U64, E.VringFd, fds=(0, 1)),
+    Request.SET_VRING_CALL: _fixed(U64, E.VringFd, fds=(0, 1)),
+    Request.SET_VRING_ERR: _fixed(U64, E.VringFd, fds=(0, 1)),
+    Request.GET_PROTOCOL_FEATURES: _query(),
+    Request.SET_PROTOCOL_FEATURES: _fixed(U64, E.ProtocolFeaturesSet),
+    Request.GET_QUEUE_NUM: _query(),
+    Request.SET_VRING_ENABLE: _fixed(VringState, E.VringEnable),
+    Request.SEND_RARP: _fixed(RarpMac, E.DeviceRequest),
+    Request.NET_SET_MTU: _fixed(U64, E.DeviceRequest),
+    Request.SET_BACKEND_REQ_FD: _fixed(Empty, E.BackendChannelSet, fds=(1, 1), also=(8,)),
+    Request.IOTLB_MSG: _fixed(Iotlb, E.Unsupported, reply=U64),
+    Request.SET_VRING_ENDIAN: _fixed(VringState, E.Unsupported),
+    Request.GET_CONFIG: MessageSpec(Config, _config_size, E.ConfigRead, reply=Config),
+    Request.SET_CONFIG: MessageSpec(Config, _config_size, E.ConfigWrite),
+    Request.CREATE_CRYPTO_SESSION: MessageSpec(CryptoSession, at_least(8, "a crypto session"),
+                                               E.Unsupported, reply=CryptoSession),
+    Request.CLOSE_CRYPTO_SESSION: _fixed(U64, E.Unsupported),
+    Request.POSTCOPY_ADVISE: _fixed(Empty, E.Unsupported, reply=U64),
+    Request.POSTCOPY_LISTEN: _fixed(Empty, E.Unsupported),
+    Request.POSTCOPY_END: _fixed(Empty, E.Unsupported, reply=U64),
+    Request.GET_INFLIGHT_FD: _fixed(Inflight, E.Unsupported, reply=Inflight),
+    Request.SET_INFLIGHT_FD: _fixed(Inflight, E.Unsupported, fds=(1, 1)),
+    Request.GPU_SET_SOCKET: _fixed(Empty, E.Unsupported, fds=(1, 1)),
+    Request.RESET_DEVICE: _fixed(Empty, E.RingsReset),
+    Request.VRING_KICK: _fixed(VringState, E.VringKickInband),
+    Request.GET_MAX_MEM_SLOTS: _query(),
+    Request.ADD_MEM_REG: _fixed(SingleMemReg, E.MemRegionAdded, fds=(1, 1)),
+    Request.REM_MEM_REG: _fixed(SingleMemReg, E.MemRegionRemoved, fds=(0, 1)),
+    Request.SET_STATUS: _fixed(U64, E.StatusSet),
+    Request.GET_STATUS: _query(),
+    Request.GET_SHARED_OBJECT: _fixed(Shared, E.Unsupported, reply=U64),
+    Request.SET_DEVICE_STATE_FD: _fixed(DeviceStateTransfer, E.Unsupported, fds=(1, 1), reply=U64),
+    Request.CHECK_DEVICE_STATE: _fixed(Empty, E.Unsupported, reply=U64),
 }
 
+# Back-end channel requests are only ever sent by vuser and read by the
+# harness: their rows carry no event.
 BACKEND_REQUESTS: Mapping[BackendRequest, MessageSpec] = {
-    BackendRequest.IOTLB_MSG: _fixed(Iotlb),
-    BackendRequest.CONFIG_CHANGE_MSG: _fixed(Empty),
-    BackendRequest.VRING_HOST_NOTIFIER_MSG: _fixed(VringArea, fds=(0, 1)),
-    BackendRequest.VRING_CALL: _fixed(VringState),
-    BackendRequest.VRING_ERR: _fixed(VringState),
-    BackendRequest.SHARED_OBJECT_ADD: _fixed(Shared),
-    BackendRequest.SHARED_OBJECT_REMOVE: _fixed(Shared),
-    BackendRequest.SHARED_OBJECT_LOOKUP: _fixed(Shared, fds=(0, 1), reply=U64),
+    BackendRequest.IOTLB_MSG: _fixed(Iotlb, E.Event),
+    BackendRequest.CONFIG_CHANGE_MSG: _fixed(Empty, E.Event),
+    BackendRequest.VRING_HOST_NOTIFIER_MSG: _fixed(VringArea, E.Event, fds=(0, 1)),
+    BackendRequest.VRING_CALL: _fixed(VringState, E.Event),
+    BackendRequest.VRING_ERR: _fixed(VringState, E.Event),
+    BackendRequest.SHARED_OBJECT_ADD: _fixed(Shared, E.Event),
+    BackendRequest.SHARED_OBJECT_REMOVE: _fixed(Shared, E.Event),
+    BackendRequest.SHARED_OBJECT_LOOKUP: _fixed(Shared, E.Event, fds=(0, 1), reply=U64),
 }
 
 
@@ -354,7 +335,7 @@ def decode_header(data: bytes) -> RawHeader:
 
 
 def encode_header(request: int, flags: int, size: int) -> bytes:
-    return Header.build(dict(request=request, flags=flags | VERSION, size=size))
+    return bytes(Header.build(dict(request=request, flags=flags | VERSION, size=size)))
 
 
 def spec_for(code: int, backend: bool = False) -> MessageSpec:
@@ -364,38 +345,6 @@ def spec_for(code: int, backend: bool = False) -> MessageSpec:
     except ValueError:
         raise WireError(request_name(code, backend), "unknown request") from None
     return table[key]
-
-
-def _check_size(code: int, spec: MessageSpec, payload: bytes, backend: bool) -> None:
-    name = request_name(code, backend)
-    size = len(payload)
-    if spec.sizes is not None:
-        if size not in spec.sizes:
-            want = " or ".join(str(s) for s in sorted(spec.sizes))
-            raise WireError(name, f"payload is {size} bytes, expected {want}")
-        return
-    layout = spec.layout
-    if layout is MemTable:
-        if size < 8:
-            raise WireError(name, f"payload is {size} bytes, too short for a memory table")
-        n = int.from_bytes(payload[:4], "little")
-        if n > MAX_MEM_TABLE_REGIONS:
-            raise WireError(name, f"{n} regions, at most {MAX_MEM_TABLE_REGIONS}")
-        # QEMU and DPDK send exactly the regions in use; a front-end sending
-        # the whole 8-slot array is also well-formed.
-        if size not in (8 + n * MEMORY_REGION_SIZE, 8 + MAX_MEM_TABLE_REGIONS * MEMORY_REGION_SIZE):
-            raise WireError(name, f"payload is {size} bytes for {n} regions")
-    elif layout is Config:
-        if size < CONFIG_HEADER_SIZE:
-            raise WireError(name, f"payload is {size} bytes, shorter than the config header")
-        csize = int.from_bytes(payload[4:8], "little")
-        if csize > MAX_CONFIG_SIZE:
-            raise WireError(name, f"config size {csize} exceeds {MAX_CONFIG_SIZE}")
-        if size != CONFIG_HEADER_SIZE + csize:
-            raise WireError(name, f"payload is {size} bytes, header says {csize} config bytes")
-    elif layout is CryptoSession:
-        if size < 8:
-            raise WireError(name, f"payload is {size} bytes, too short for a crypto session")
 
 
 def decode_payload(code: int, payload: bytes, nfds: int, backend: bool = False) -> Any:
@@ -410,7 +359,9 @@ def decode_payload(code: int, payload: bytes, nfds: int, backend: bool = False) 
     if not lo <= nfds <= hi:
         raise WireError(name, f"carries {nfds} fds, expected {lo}..{hi}" if lo != hi
                         else f"carries {nfds} fds, expected {lo}")
-    _check_size(code, spec, payload, backend)
+    fault = spec.size(payload)
+    if fault is not None:
+        raise WireError(name, fault)
     if not payload or spec.layout is Empty:
         return {}
     try:
@@ -432,7 +383,7 @@ def encode(code: int, payload: Mapping[str, Any] | None = None, *, flags: int = 
 
 
 def encode_reply(code: int, layout: Construct, payload: Mapping[str, Any]) -> bytes:
-    body = layout.build(dict(payload))
+    body = bytes(layout.build(dict(payload)))
     return encode_header(code, FLAG_REPLY, len(body)) + body
 
 

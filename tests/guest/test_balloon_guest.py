@@ -79,7 +79,7 @@ async def test_inflate_deflate_releases_host_memory(kernel: str, tmp_path) -> No
         # The guest sees the memory gone.
         assert before_guest["MemFree"] - after_guest["MemFree"] >= 0.9 * target
         # The queue layout the Linux driver used: inflate buffers on 0.
-        queues = {q["index"]: q for q in runner.connection.status()["queues"]}
+        queues = {q["index"]: q for q in runner.status()["queues"]}
         assert queues[0]["role"] == "inflateq" and queues[0]["buffers"] > 0
 
         dev.set_target(0)
@@ -105,7 +105,7 @@ async def test_stats_arrive_with_plausible_values(tmp_path) -> None:
         assert 0 < stats["free-memory"] <= stats["total-memory"]
         assert 0 < stats["available-memory"] <= stats["total-memory"]
         assert dev.stats_time is not None and time.time() - dev.stats_time < 10
-        queues = {q["index"]: q for q in runner.connection.status()["queues"]}
+        queues = {q["index"]: q for q in runner.status()["queues"]}
         assert queues[2]["role"] == "statsq" and queues[2]["buffers"] >= 3
 
 
@@ -142,7 +142,7 @@ async def test_page_reporting_releases_freed_memory(kernel: str, tmp_path) -> No
         after = rss_shmem(guest.pid)
         print(f"kernel {kernel}: reported {(dev.bytes_reported - reported_before) >> 20} MiB after the free; "
               f"QEMU RssShmem {resident >> 20} -> {after >> 20} MiB")
-        queues = {q["index"]: q for q in runner.connection.status()["queues"]}
+        queues = {q["index"]: q for q in runner.status()["queues"]}
         assert queues[4]["role"] == "reporting_vq" and queues[4]["buffers"] > 0
 
 
@@ -167,7 +167,7 @@ async def test_queue_layout_follows_offered_features(without, expected, tmp_path
         await wait_for(lambda: dev.actual * PAGE_SIZE >= 16 * MiB, "inflate")
         if "statsq" in expected.values():
             await wait_for(lambda: dev.stats_updates >= 2, "stats")
-        queues = {q["index"]: q for q in runner.connection.status()["queues"]}
+        queues = {q["index"]: q for q in runner.status()["queues"]}
         for index, role in expected.items():
             assert queues[index]["role"] == role
         report_index = next(i for i, r in expected.items() if r == "reporting_vq")

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator
 import pytest
 import trio
 
-from vuser.netswitch import NetSwitch
+from vuser.devices.net import NetSwitch
 from vuser.runner import Runner, RunnerGroup
 from vuser.testing import dpdk
 

@@ -40,7 +40,7 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 import pytest
 import trio
 
-from vuser.netswitch import NetSwitch
+from vuser.devices.net import NetSwitch
 from vuser.runner import Runner, RunnerGroup
 from vuser.testing.guest import Guest, boot_guest
 

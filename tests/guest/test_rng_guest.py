@@ -57,7 +57,7 @@ async def test_rng_serves_guest(qemu: str, kernel: str, tmp_path) -> None:
         assert negotiated & ~offered & ~(1 << 30) == 0
 
         # Queue layout: the driver used index 0 as requestq.
-        status = conn.status()
+        status = runner.status()
         q0 = status["queues"][0]
         assert q0["role"] == "requestq" and q0["buffers"] > 0, status["queues"]
 

@@ -10,6 +10,7 @@ from typing import AsyncIterator
 import trio
 
 from vuser.device import Device
+from vuser.registry import plugin_for
 from vuser.runner import Runner
 from vuser.testing.guest import Guest, boot_guest
 
@@ -32,7 +33,7 @@ async def served_guest(device: Device, tmp_path: Path, *, qemu: str, kernel: str
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)
         args = ["-chardev", f"socket,id=vu0,path={sock}",
-                "-device", device.qemu_device_args("vu0", qemu), *(extra_args or [])]
+                *plugin_for(device).qemu_args(device, "vu0", qemu), *(extra_args or [])]
         async with boot_guest(qemu, kernel, memory_mb=memory_mb, extra_args=args,
                               kernel_cmdline_extra=cmdline) as guest:
             yield guest, runner

@@ -28,7 +28,7 @@ import trio
 from conftest import wait_until
 from vuser.control import call as control_call
 from vuser.frontend import HARNESS_PROTOCOL_FEATURES, Driver, Frontend
-from vuser.netswitch import NetSwitch
+from vuser.devices.net import NetSwitch
 from vuser.runner import Runner, RunnerGroup
 from vuser.testing.netframes import VnetHdr, offload_hdr, parse_tcp, tcp_frame
 from vuser.wire import ProtocolFeature as PF
@@ -353,7 +353,7 @@ async def test_busy_poll(tmp_path: Path) -> None:
                 for f in frames:
                     q.add_outbuf(bytes(12) + f)   # no kick
                 assert [f for _, f in await b.recv(5)] == frames
-                assert devices[0]._conn.slots[1].kicks == 0
+                assert devices[0].context.slots[1].kicks == 0  # type: ignore[union-attr]
                 assert switch.stats()["busy_poll"]
 
 

@@ -121,7 +121,7 @@ async def test_ctl_errors_are_reported(tmp_path: Path) -> None:
             st = await ctl(control, "status")
             assert st["connected"] is False and st["queues"] == [{"index": 0, "role": "requestq"}]
             bad = await vuser_cmd("ctl", str(control), "no-such-command", check=False)
-            assert bad.returncode == 1 and b"no-such-command" in bad.stderr
+            assert bad.returncode == 2 and b"no-such-command" in bad.stderr  # a user error
             assert await terminate(proc) == 0
 
 

@@ -36,7 +36,7 @@ from conftest import (
 )
 from vuser import wire
 from vuser.frontend import Driver, DriverQueue, Frontend
-from vuser.frontend.vring import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from vuser.virtio import DescFlag
 from vuser.runner import Runner
 from vuser.wire import ProtocolFeature as PF
 from vuser.wire import Request as R
@@ -110,7 +110,7 @@ def raw_with_fds(data: bytes, make_fds: Callable[[Frontend], list[int]]) -> Call
 def truncated_then_eof(data: bytes) -> Callable[[Frontend], Awaitable[None]]:
     async def send(fe: Frontend) -> None:
         await fe.send_raw(data)
-        fe.conn.channel.sock.shutdown(socket.SHUT_WR)
+        fe.conn.stream.sock.shutdown(socket.SHUT_WR)
     return send
 
 
@@ -343,18 +343,18 @@ def _buf(q: DriverQueue, size: int = 64) -> int:
 
 def loop(q: DriverQueue) -> None:
     b = _buf(q)
-    q.write_desc(250, b, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 251)
-    q.write_desc(251, b, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 250)
+    q.write_desc(250, b, 64, DescFlag.WRITE | DescFlag.NEXT, 251)
+    q.write_desc(251, b, 64, DescFlag.WRITE | DescFlag.NEXT, 250)
     q.push_avail(250)
 
 
 def self_loop(q: DriverQueue) -> None:
-    q.write_desc(250, _buf(q), 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 250)
+    q.write_desc(250, _buf(q), 64, DescFlag.WRITE | DescFlag.NEXT, 250)
     q.push_avail(250)
 
 
 def next_out_of_range(q: DriverQueue) -> None:
-    q.write_desc(250, _buf(q), 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 4000)
+    q.write_desc(250, _buf(q), 64, DescFlag.WRITE | DescFlag.NEXT, 4000)
     q.push_avail(250)
 
 
@@ -385,38 +385,38 @@ def readable_after_writable(q: DriverQueue) -> None:
 
 def nested_indirect(q: DriverQueue) -> None:
     inner = q.memory.alloc(16, 16)
-    q.memory.pack("<QIHH", inner, _buf(q), 64, VRING_DESC_F_WRITE, 0)
+    q.memory.pack("<QIHH", inner, _buf(q), 64, DescFlag.WRITE, 0)
     outer = q.memory.alloc(16, 16)
-    q.memory.pack("<QIHH", outer, inner, 16, VRING_DESC_F_INDIRECT, 0)
-    q.write_desc(250, outer, 16, VRING_DESC_F_INDIRECT, 0)
+    q.memory.pack("<QIHH", outer, inner, 16, DescFlag.INDIRECT, 0)
+    q.write_desc(250, outer, 16, DescFlag.INDIRECT, 0)
     q.push_avail(250)
 
 
 def indirect_loop(q: DriverQueue) -> None:
     t = q.memory.alloc(32, 16)
     b = _buf(q)
-    q.memory.pack("<QIHH", t, b, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1)
-    q.memory.pack("<QIHH", t + 16, b, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0)
-    q.write_desc(250, t, 32, VRING_DESC_F_INDIRECT, 0)
+    q.memory.pack("<QIHH", t, b, 64, DescFlag.WRITE | DescFlag.NEXT, 1)
+    q.memory.pack("<QIHH", t + 16, b, 64, DescFlag.WRITE | DescFlag.NEXT, 0)
+    q.write_desc(250, t, 32, DescFlag.INDIRECT, 0)
     q.push_avail(250)
 
 
 def indirect_bad_len(q: DriverQueue) -> None:
     t = q.memory.alloc(32, 16)
-    q.memory.pack("<QIHH", t, _buf(q), 64, VRING_DESC_F_WRITE, 0)
-    q.write_desc(250, t, 15, VRING_DESC_F_INDIRECT, 0)
+    q.memory.pack("<QIHH", t, _buf(q), 64, DescFlag.WRITE, 0)
+    q.write_desc(250, t, 15, DescFlag.INDIRECT, 0)
     q.push_avail(250)
 
 
 def indirect_table_outside(q: DriverQueue) -> None:
-    q.write_desc(250, 0x7000_0000_0000, 32, VRING_DESC_F_INDIRECT, 0)
+    q.write_desc(250, 0x7000_0000_0000, 32, DescFlag.INDIRECT, 0)
     q.push_avail(250)
 
 
 def indirect_next_out_of_table(q: DriverQueue) -> None:
     t = q.memory.alloc(32, 16)
-    q.memory.pack("<QIHH", t, _buf(q), 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 7)
-    q.write_desc(250, t, 16, VRING_DESC_F_INDIRECT, 0)
+    q.memory.pack("<QIHH", t, _buf(q), 64, DescFlag.WRITE | DescFlag.NEXT, 7)
+    q.write_desc(250, t, 16, DescFlag.INDIRECT, 0)
     q.push_avail(250)
 
 
@@ -488,7 +488,7 @@ async def test_hostile_ring_marks_device_needs_reset(
                 conn_a = runner_a.connection
                 assert conn_a is not None
                 conn_b = runner_b.connection
-                assert conn_b is not None and conn_b.status()["ring_error"] is None
+                assert conn_b is not None and runner_b.status()["ring_error"] is None
                 assert not await fe_b.get_status() & STATUS_NEEDS_RESET
                 assert await fe_a.get_status() & STATUS_NEEDS_RESET
                 warnings = [r.getMessage() for r in caplog.records
@@ -501,7 +501,7 @@ async def test_hostile_ring_marks_device_needs_reset(
                 fe_a.vring_bases.clear()
                 drv_a = Driver(fe_a)
                 await drv_a.probe()
-                assert conn_a.status()["ring_error"] is None
+                assert runner_a.status()["ring_error"] is None
                 n = await serve_some(drv_a)
                 assert await fe_a.stop() == {0: n}
                 assert await fe_b.stop() == {0: served_b}
@@ -518,8 +518,8 @@ async def break_ring(drv_a: Driver, runner_a: Runner, case: Hostile) -> None:
     q.kick(force=True)
     conn_a = runner_a.connection
     assert conn_a is not None
-    await wait_until(lambda: conn_a.status()["ring_error"], 5, "the ring error")
-    status = conn_a.status()
+    await wait_until(lambda: runner_a.status()["ring_error"], 5, "the ring error")
+    status = runner_a.status()
     assert status["needs_reset"] is True
     assert case.error in status["ring_error"], status["ring_error"]
     if case.good_served:
@@ -535,4 +535,4 @@ async def break_ring(drv_a: Driver, runner_a: Runner, case: Hostile) -> None:
     q.kick(force=True)
     await trio.sleep(0.05)
     assert q.get_used() == []
-    assert conn_a.status()["ring_error"] is not None
+    assert runner_a.status()["ring_error"] is not None

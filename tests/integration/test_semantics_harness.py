@@ -58,7 +58,7 @@ def roles(status: dict[str, Any]) -> dict[int, str | None]:
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.levelno == logging.WARNING and r.name.startswith("vuser.connection")]
+            if r.levelno == logging.WARNING and r.name.startswith("vuser.handler")]
 
 
 # ------------------------------------------------------------------ config before features

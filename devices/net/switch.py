@@ -8,12 +8,12 @@ and keeps the C view of each port current.
 
 Keeping the C view current: a vhost-user port's rings come and go with its
 session (rings start and stop, are enabled and disabled, memory tables are
-replaced, call fds change), and the structs C would point at belong to
-``VirtQueue`` objects that may be freed.  So before every call into C each
-port's *binding* (``PortBinding``: the net device serving that socket)
-writes the current ring pointers, call fds and header size into the port's
-struct, and after the call it looks at what C reported (ring errors).  The
-calls are synchronous in the trio thread, so nothing changes in between.
+replaced, call fds change).  The net device serving that socket is told
+of each change (the device's queue-lifecycle hooks) and writes it into
+the port's struct at once (push); nothing is re-read per call.  After
+every call each port's *binding* (``PortBinding``: that device) looks at
+what C reported (ring errors).  The calls are synchronous in the trio
+thread, so nothing changes during one.
 
 Resource handling: the switch owns every C struct and scratch buffer (cffi
 memory, freed with the switch), the pcap file and the tap fds it opened
@@ -35,12 +35,21 @@ from typing import Any, Protocol
 
 import trio
 
+from vuser.virtio import NetGso, NetHdrFlag
+
 try:
     from vuser._native import ffi, lib
 except ImportError:  # pragma: no cover - the extension is required for net
     ffi = lib = None
 
 log = logging.getLogger(__name__)
+
+if lib is not None:
+    # The C header's copies of the spec's header fields (C cannot import virtio.py).
+    assert (lib.VU_NET_HDR_F_NEEDS_CSUM, lib.VU_NET_HDR_F_DATA_VALID) == \
+        (NetHdrFlag.NEEDS_CSUM, NetHdrFlag.DATA_VALID)
+    assert (lib.VU_NET_HDR_GSO_NONE, lib.VU_NET_HDR_GSO_TCPV4, lib.VU_NET_HDR_GSO_TCPV6, lib.VU_NET_HDR_GSO_ECN) == \
+        (NetGso.NONE, NetGso.TCPV4, NetGso.TCPV6, NetGso.ECN)
 
 MODES = {"switch": 0, "reflect": 1, "sink": 2}
 DROP_REASONS = ("bad_header", "runt", "too_big", "no_dest", "no_buffer", "rx_too_small",
@@ -83,11 +92,7 @@ class SwitchError(Exception):
 
 
 class PortBinding(Protocol):
-    """What keeps a vhost-user port's C struct current (the net device)."""
-
-    def refresh(self, cport: Any) -> None:
-        """Write the port's current rings, call fds, memory table and header
-        size into ``cport`` (a ``struct vu_net_port *``)."""
+    """The owner of a vhost-user port's C struct (the net device)."""
 
     def after(self, cport: Any, result: int) -> None:
         """Look at what the last call did (ring errors)."""
@@ -179,7 +184,7 @@ class NetSwitch:
     def add_vhost_port(self, name: str, binding: PortBinding) -> SwitchPort:
         """A port for one vhost-user socket; ``binding`` keeps it current.
         It stays disconnected (frames to it are dropped) until the binding
-        marks it connected in ``refresh``."""
+        sets its kind to PORT_VHOST (a front-end connected)."""
         port = self._new_port(name, PORT_VHOST)
         port.binding = binding
         return port
@@ -197,6 +202,7 @@ class NetSwitch:
         # whatever TUNSETOFFLOAD allowed it to send is resolved in C.
         port.c.rx_offloads = OFF_ALL
         port.c.tx_offloads = OFF_ALL
+        self.port_changed()
         return port
 
     def add_tap(self, name: str, *, up: bool = True) -> SwitchPort:
@@ -227,12 +233,13 @@ class NetSwitch:
 
     # ------------------------------------------------------------ calls into C
 
-    def _refresh(self) -> None:
+    def port_changed(self) -> None:
+        """A port connected, went away or changed what it takes: the taps'
+        offloads follow (every connected guest must take them whole)."""
         offload = OFF_ALL
         guests = taps = 0
         for port in self.ports:
             if port.binding is not None:
-                port.binding.refresh(port.c)
                 if port.c.kind == PORT_VHOST:
                     offload &= port.c.rx_offloads
                     guests += 1
@@ -266,7 +273,6 @@ class NetSwitch:
         """Move every frame waiting on tx queue pair ``qp`` of ``port``.
         Returns chains consumed, or a negative VU_ERR_* of that ring (after
         moving the good chains before the fault)."""
-        self._refresh()
         rc = int(lib.vu_net_tx_burst(self._sw, port.index, qp, budget))
         self.calls += 1
         self._after(rc)
@@ -276,7 +282,6 @@ class NetSwitch:
 
     def fd_rx(self, port: SwitchPort, budget: int = 0) -> int:
         """Read and switch every frame the fd port has ready."""
-        self._refresh()
         rc = int(lib.vu_net_fd_rx(self._sw, port.index, budget))
         self.calls += 1
         self._after(rc)
@@ -290,7 +295,6 @@ class NetSwitch:
     def poll(self, budget: int = 256, spin_us: int = 0) -> int:
         """Busy-poll every ring and fd port: one round, or rounds until
         ``spin_us`` µs pass without a frame (or ``budget`` frames moved)."""
-        self._refresh()
         rc = int(lib.vu_net_poll(self._sw, budget, spin_us))
         self.calls += 1
         self._after(rc)
@@ -298,7 +302,6 @@ class NetSwitch:
 
     def inject(self, port: SwitchPort, frame: bytes) -> None:
         """Switch ``frame`` as if ``port`` had sent it (SEND_RARP)."""
-        self._refresh()
         rc = int(lib.vu_net_inject(self._sw, port.index, frame, len(frame)))
         self._after(rc)
         if rc:

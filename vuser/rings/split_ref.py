@@ -8,75 +8,71 @@ region spanning, segment space, sticky errors) are documented once, in
 
 Where C has host pointers this module has memoryviews: the three ring
 areas are views of exactly the layout's size, and a region is anything
-with ``gpa``, ``size`` and ``view`` (a writable memoryview of ``size``
-bytes), such as ``vuser.memory.Region``.  Python needs no fences: the GIL
-and the interpreter's own memory accesses order everything.
+with ``gpa``, ``size`` and ``view`` (``base.RegionLike``).  Python needs no
+fences: the GIL and the interpreter's own memory accesses order everything.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Protocol, Sequence
+from typing import Any, ClassVar, Sequence
 
-MAX_REGIONS = 64
-MAX_QUEUE_SIZE = 32768
-MAX_INDIRECT = 32768
+from ..virtio import AvailFlag, DescFlag, UsedFlag
+from .base import (
+    MAX_INDIRECT,
+    MAX_QUEUE_SIZE,
+    MAX_REGIONS,
+    SEG_WRITE,
+    ChainTuple,
+    PopResult,
+    RegionLike,
+    RingMemory,
+    SegTuple,
+)
+from .errors import (
+    ERR_AVAIL_IDX,
+    ERR_CHAIN_LEN,
+    ERR_CHAIN_SEGS,
+    ERR_DESC_ADDR,
+    ERR_HEAD,
+    ERR_INDIRECT_ADDR,
+    ERR_INDIRECT_LEN,
+    ERR_INDIRECT_NESTED,
+    ERR_INDIRECT_NEXT,
+    ERR_INDIRECT_POS,
+    ERR_LOOP,
+    ERR_NEXT,
+    ERR_NOT_READY,
+    ERR_NUM,
+    ERR_ORDER,
+    ERR_PUSH_COUNT,
+    ERR_PUSH_ID,
+    ERR_RING_SIZE,
+)
 
-DESC_F_NEXT = 1
-DESC_F_WRITE = 2
-DESC_F_INDIRECT = 4
-AVAIL_F_NO_INTERRUPT = 1
-USED_F_NO_NOTIFY = 1
-SEG_WRITE = 1
-
-# Error codes: identical to VU_ERR_* in native/vring.h.
-ERR_AVAIL_IDX = -1
-ERR_HEAD = -2
-ERR_NEXT = -3
-ERR_LOOP = -4
-ERR_DESC_ADDR = -5
-ERR_CHAIN_LEN = -6
-ERR_INDIRECT_NEXT = -7
-ERR_INDIRECT_NESTED = -8
-ERR_INDIRECT_POS = -9
-ERR_INDIRECT_LEN = -10
-ERR_INDIRECT_ADDR = -11
-ERR_ORDER = -12
-ERR_CHAIN_SEGS = -13
-ERR_NOT_READY = -20
-ERR_NUM = -21
-ERR_RING_SIZE = -22
-ERR_PUSH_COUNT = -23
-ERR_PUSH_ID = -24
-
-ERROR_NAMES: dict[int, str] = {
-    code: "VU_" + name for name, code in globals().items() if name.startswith("ERR_")
-}
-
-_U16 = struct.Struct("<H")
-_DESC = struct.Struct("<QIHH")
+U16 = struct.Struct("<H")
+DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
-_U32_MAX = 0xFFFF_FFFF
+U32_MAX = 0xFFFF_FFFF
 _U64 = 1 << 64
 
-# (head, first_seg, nsegs, nread, out_len, in_len) and (region, offset, len, flags)
-ChainTuple = tuple[int, int, int, int, int, int]
-SegTuple = tuple[int, int, int, int]
-
-
-class RegionLike(Protocol):
-    @property
-    def gpa(self) -> int: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def view(self) -> memoryview: ...
+# Byte offsets in the split layout (spec 2.7): avail->ring[0] and
+# used->ring[0] both sit after a 4-byte header.
+RING_HDR = 4
+DESC_SIZE = 16
+USED_ELEM_SIZE = 8
 
 
 def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """vring_need_event (virtio_ring.h): does moving the index from old to
     new pass event_idx?  All 16-bit arithmetic."""
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+def split_area_sizes(num: int) -> tuple[int, int, int]:
+    """Descriptor table, avail ring (with used_event), used ring (with
+    avail_event) for a queue of ``num`` entries."""
+    return DESC_SIZE * num, RING_HDR + 2 + 2 * num, RING_HDR + 2 + USED_ELEM_SIZE * num
 
 
 class _NoSpace(Exception):
@@ -95,13 +91,25 @@ def _find_region(regions: Sequence[RegionLike], gpa: int) -> int:
     return -1
 
 
-class RefVring:
-    """The fields of ``struct vu_vring`` and the functions on it."""
+class PySplitRing:
+    """The fields of ``struct vu_vring`` and the functions on it, as a
+    ``vuser.rings.base.Ring``."""
+
+    layout: ClassVar[str] = "split"
+    impl: ClassVar[str] = "python"
+    native: Any = None
+    STATE: ClassVar[tuple[str, ...]] = (
+        "last_avail_idx", "used_idx", "signalled_used", "signalled_used_valid",
+        "notification", "broken", "error")
+
+    @staticmethod
+    def area_sizes(num: int) -> tuple[int, int, int]:
+        return split_area_sizes(num)
 
     def __init__(self) -> None:
-        self._reset()
+        self.clear()
 
-    def _reset(self) -> None:
+    def clear(self) -> None:
         self.num = 0
         self.desc = self.avail = self.used = memoryview(b"")
         self.last_avail_idx = 0
@@ -115,27 +123,38 @@ class RefVring:
 
     # ------------------------------------------------------------ set-up
 
-    def init(self, num: int, desc: memoryview, avail: memoryview, used: memoryview,
-             event_idx: bool, last_avail_idx: int) -> int:
+    def init(self, num: int, areas: Sequence[memoryview], event_idx: bool, base: int) -> int:
+        desc, avail, used = areas
         if not 1 <= num <= MAX_QUEUE_SIZE or num & (num - 1):
             return ERR_NUM
-        if len(desc) < 16 * num or len(avail) < 6 + 2 * num or len(used) < 6 + 8 * num:
+        d, a, u = split_area_sizes(num)
+        if len(desc) < d or len(avail) < a or len(used) < u:
             return ERR_RING_SIZE
-        self._reset()
+        self.clear()
         self.num = num
         self.desc, self.avail, self.used = desc, avail, used
-        self.last_avail_idx = last_avail_idx & 0xFFFF
-        self.used_idx = _U16.unpack_from(used, 2)[0]
+        self.last_avail_idx = base & 0xFFFF
+        self.used_idx = U16.unpack_from(used, 2)[0]
         self.signalled_used = self.used_idx
         self.event_idx = bool(event_idx)
         self.notification = True
         return 0
 
+    def base(self) -> int:
+        return self.last_avail_idx
+
+    def snapshot(self) -> dict[str, int]:
+        return {k: int(getattr(self, k)) for k in self.STATE}
+
+    def restore(self, state: dict[str, int]) -> None:
+        for k, v in state.items():
+            setattr(self, k, bool(v) if k in ("signalled_used_valid", "notification", "broken") else v)
+
     # ------------------------------------------------------------ pop
 
-    def pop(self, regions: Sequence[RegionLike], max_chains: int,
-            max_segs: int) -> tuple[int, list[ChainTuple], list[SegTuple]]:
+    def pop(self, memory: RingMemory, max_chains: int, max_segs: int) -> PopResult:
         """Returns (rc, chains, segs) exactly as vu_vring_pop fills them."""
+        regions = memory.regions
         chains: list[ChainTuple] = []
         segs: list[SegTuple] = []
         if self.num == 0:
@@ -144,14 +163,14 @@ class RefVring:
             return self.error, chains, segs
         start = self.last_avail_idx
         rc = 0
-        avail_idx = _U16.unpack_from(self.avail, 2)[0]
+        avail_idx = U16.unpack_from(self.avail, 2)[0]
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
         try:
             if pending > self.num:
                 raise _ChainError(ERR_AVAIL_IDX)
             while pending > 0 and len(chains) < max_chains:
                 slot = self.last_avail_idx & (self.num - 1)
-                head = _U16.unpack_from(self.avail, 4 + 2 * slot)[0]
+                head = U16.unpack_from(self.avail, RING_HDR + 2 * slot)[0]
                 if head >= self.num:
                     raise _ChainError(ERR_HEAD)
                 try:
@@ -161,7 +180,7 @@ class RefVring:
                         raise _ChainError(ERR_CHAIN_SEGS) from None
                     break
                 nread = sum(1 for seg in chain_segs if not seg[3])
-                chains.append((head, len(segs), len(chain_segs), nread, out_len, in_len))
+                chains.append((len(segs), len(chain_segs), nread, out_len, in_len, head, 0))
                 segs.extend(chain_segs)
                 self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
                 pending -= 1
@@ -170,7 +189,7 @@ class RefVring:
             self.broken = True
             self.error = rc
         if self.last_avail_idx != start and self.event_idx and self.notification:
-            _U16.pack_into(self.used, 4 + 8 * self.num, self.last_avail_idx)
+            U16.pack_into(self.used, RING_HDR + USED_ELEM_SIZE * self.num, self.last_avail_idx)
         return rc, chains, segs
 
     def _walk(self, regions: Sequence[RegionLike], head: int,
@@ -186,14 +205,14 @@ class RefVring:
             visited += 1
             if visited > limit:
                 raise _ChainError(ERR_LOOP)
-            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * i)
+            addr, length, flags, nxt = DESC.unpack_from(table, 16 * i)
 
-            if flags & DESC_F_INDIRECT:
+            if flags & DescFlag.INDIRECT:
                 if indirect:
                     raise _ChainError(ERR_INDIRECT_NESTED)
                 if visited > 1:
                     raise _ChainError(ERR_INDIRECT_POS)
-                if flags & DESC_F_NEXT:
+                if flags & DescFlag.NEXT:
                     raise _ChainError(ERR_INDIRECT_NEXT)
                 if length == 0 or length % 16 or length // 16 > MAX_INDIRECT:
                     raise _ChainError(ERR_INDIRECT_LEN)
@@ -208,21 +227,21 @@ class RefVring:
                 indirect = True
                 continue
 
-            if flags & DESC_F_WRITE:
+            if flags & DescFlag.WRITE:
                 seen_write = True
                 in_len += length
             else:
                 if seen_write:
                     raise _ChainError(ERR_ORDER)
                 out_len += length
-            if out_len + in_len > _U32_MAX:
+            if out_len + in_len > U32_MAX:
                 raise _ChainError(ERR_CHAIN_LEN)
 
             if length:
                 if addr + length > _U64:
                     raise _ChainError(ERR_DESC_ADDR)
                 gpa, rem = addr, length
-                seg_flags = SEG_WRITE if flags & DESC_F_WRITE else 0
+                seg_flags = SEG_WRITE if flags & DescFlag.WRITE else 0
                 while rem:
                     r = _find_region(regions, gpa)
                     if r < 0:
@@ -231,11 +250,11 @@ class RefVring:
                     piece = min(regions[r].size - off, rem)
                     if len(segs) >= seg_room:
                         raise _NoSpace
-                    segs.append((r, off, piece, seg_flags))
+                    segs.append((off, piece, r, seg_flags))
                     gpa += piece
                     rem -= piece
 
-            if not flags & DESC_F_NEXT:
+            if not flags & DescFlag.NEXT:
                 return segs, out_len, in_len
             if nxt >= limit:
                 raise _ChainError(ERR_NEXT)
@@ -244,6 +263,8 @@ class RefVring:
     # ------------------------------------------------------------ push / notify
 
     def push(self, elems: Sequence[tuple[int, int]]) -> int:
+        if any(not 0 <= e[0] <= U32_MAX or not 0 <= e[1] <= U32_MAX for e in elems):
+            raise ValueError(f"used elements out of range: {list(elems)!r}")
         if self.num == 0:
             return ERR_NOT_READY
         n = len(elems)
@@ -256,9 +277,9 @@ class RefVring:
         old = self.used_idx
         mask = self.num - 1
         for k, (head, written) in enumerate(elems):
-            _USED_ELEM.pack_into(self.used, 4 + 8 * ((old + k) & mask), head, written)
+            _USED_ELEM.pack_into(self.used, RING_HDR + USED_ELEM_SIZE * ((old + k) & mask), head, written)
         new = (old + n) & 0xFFFF
-        _U16.pack_into(self.used, 2, new)
+        U16.pack_into(self.used, 2, new)
         self.used_idx = new
         if _s16(new - self.signalled_used) < ((new - old) & 0xFFFF):
             self.signalled_used_valid = False
@@ -268,14 +289,14 @@ class RefVring:
         if self.num == 0:
             return ERR_NOT_READY
         if not self.event_idx:
-            flags = _U16.unpack_from(self.avail, 0)[0]
-            return int(not flags & AVAIL_F_NO_INTERRUPT)
+            flags = U16.unpack_from(self.avail, 0)[0]
+            return int(not flags & AvailFlag.NO_INTERRUPT)
         valid = self.signalled_used_valid
         old = self.signalled_used
         new = self.used_idx
         self.signalled_used_valid = True
         self.signalled_used = new
-        used_event = _U16.unpack_from(self.avail, 4 + 2 * self.num)[0]
+        used_event = U16.unpack_from(self.avail, RING_HDR + 2 * self.num)[0]
         return int(not valid or need_event(used_event, new, old))
 
     def set_notification(self, enable: bool) -> None:
@@ -284,16 +305,16 @@ class RefVring:
         self.notification = bool(enable)
         if self.event_idx:
             if enable:
-                _U16.pack_into(self.used, 4 + 8 * self.num, self.last_avail_idx)
+                U16.pack_into(self.used, RING_HDR + USED_ELEM_SIZE * self.num, self.last_avail_idx)
         else:
-            flags = _U16.unpack_from(self.used, 0)[0]
-            flags = flags & ~USED_F_NO_NOTIFY & 0xFFFF if enable else flags | USED_F_NO_NOTIFY
-            _U16.pack_into(self.used, 0, flags)
+            flags = U16.unpack_from(self.used, 0)[0]
+            flags = flags & ~int(UsedFlag.NO_NOTIFY) & 0xFFFF if enable else flags | UsedFlag.NO_NOTIFY
+            U16.pack_into(self.used, 0, flags)
 
     def avail_pending(self) -> int:
         if self.num == 0 or self.broken:
             return 0
-        return int(_U16.unpack_from(self.avail, 2)[0] != self.last_avail_idx)
+        return int(U16.unpack_from(self.avail, 2)[0] != self.last_avail_idx)
 
 
 def _s16(v: int) -> int:

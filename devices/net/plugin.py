@@ -1,0 +1,92 @@
+"""``vuser run net``: every ``--socket`` is a port of one switch, with taps,
+pcap, reflect/sink and busy-poll; the QEMU side of a port; control commands
+(``stats``, ``fdb``)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from typing import Any, Sequence
+
+from vuser.plugin import BackgroundTask, Command, DevicePlugin
+
+from .device import DEFAULT_QUEUE_PAIRS, NetDevice
+from .switch import NetSwitch
+
+
+def _stats(devices: Sequence[NetDevice]) -> dict[str, Any]:
+    return devices[0].switch.stats()
+
+
+def _fdb(devices: Sequence[NetDevice]) -> list[dict[str, Any]]:
+    return devices[0].switch.fdb()
+
+
+class NetPlugin(DevicePlugin[NetDevice]):
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--queue-pairs", type=int, default=DEFAULT_QUEUE_PAIRS, metavar="N",
+                            help=f"queue pairs per socket (default {DEFAULT_QUEUE_PAIRS}; "
+                                 "QEMU's queues=N must not exceed it)")
+        parser.add_argument("--mtu", type=int, default=1500, help="config mtu (VIRTIO_NET_F_MTU)")
+        parser.add_argument("--tap", action="append", default=[], metavar="NAME",
+                            help="add host tap interface NAME as a switch port (repeatable; "
+                                 "created if needed, brought up, 12-byte vnet header, "
+                                 "TUNSETOFFLOAD follows what the guests negotiated)")
+        parser.add_argument("--pcap", metavar="FILE", help="write every switched frame to FILE (pcap)")
+        mode = parser.add_mutually_exclusive_group()
+        mode.add_argument("--reflect", action="store_true",
+                          help="send every frame back to its sender, MAC addresses swapped")
+        mode.add_argument("--sink", action="store_true", help="drop every frame (and count it)")
+        parser.add_argument("--busy-poll", action="store_true",
+                            help="also poll every ring from C, spinning while frames come "
+                                 "(burns a CPU; for benchmarks)")
+
+    def create(self, args: argparse.Namespace, sockets: Sequence[str]) -> list[NetDevice]:
+        """One port per socket, all on one switch (with the taps)."""
+        mode = "reflect" if args.reflect else "sink" if args.sink else "switch"
+        switch = NetSwitch(mode=mode, pcap=args.pcap, busy_poll=args.busy_poll)
+        try:
+            devices = [
+                NetDevice(switch=switch, queue_pairs=args.queue_pairs, mtu=args.mtu, port_name=str(path),
+                          without=args.without, queue_policy=args.queue_policy)
+                for path in sockets]
+            for dev in devices:
+                dev.port  # noqa: B018 - ports numbered in socket order
+            for tap in args.tap:
+                switch.add_tap(tap)
+        except BaseException:
+            switch.close()
+            raise
+        return devices
+
+    def close(self, devices: Sequence[NetDevice]) -> None:
+        if devices:
+            devices[0].switch.close()
+
+    def background(self, devices: Sequence[NetDevice]) -> list[BackgroundTask]:
+        return [devices[0].switch.run] if devices else []
+
+    def qemu_args(self, device: NetDevice, chardev: str, qemu_version: str) -> list[str]:
+        mq = f",queues={device.queue_pairs}" if device.queue_pairs > 1 else ""
+        # A MAC per socket (locally administered, derived from the socket
+        # path): guests on one switch must not share QEMU's default MAC.
+        digest = hashlib.sha1(str(device.port.name or chardev).encode()).digest()
+        mac = "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+        args = f"virtio-net-pci,netdev={chardev}-net,mac={mac}"
+        if device.mtu != 1500:
+            # QEMU owns the config space: the guest sees an MTU only through
+            # host_mtu, which QEMU then sends to us with NET_SET_MTU.
+            args += f",host_mtu={device.mtu}"
+        if device.queue_pairs > 1:
+            args += ",mq=on"
+        if qemu_version.startswith("7"):
+            # QEMU 7.2 under TCG segfaults at DRIVER_OK without it (design.md).
+            args += ",vectors=0"
+        return ["-netdev", f"vhost-user,id={chardev}-net,chardev={chardev}{mq}", "-device", args]
+
+
+plugin = NetPlugin(NetDevice, commands=(
+    Command("stats", "the switch: per-port counters, drops by reason", _stats),
+    Command("fdb", "the MAC addresses the switch learned, by port", _fdb),
+))

@@ -1,0 +1,344 @@
+"""Where protocol events meet the device: the handler of one connection
+(after rust-vmm's vhost-user-backend ``handler.rs``).
+
+``Handler.apply(event)`` applies one event (``vuser.events``) to guest
+memory, the queue runtime and the device, through one mapping from event
+type to method, and returns the result the session builds the reply from.
+It is also the ``DeviceContext`` the device sees, and it pushes queue
+lifecycle changes to the device's hooks (``Device.queue_started`` ...).
+
+Error handling: a request that cannot be honoured (a memory table that
+cannot be mapped, a ring outside guest memory, a request the device does
+not know) raises ``ProtocolError``; a guest ring error goes through the
+runtime's ``fault`` to ``_fault`` (the device needs a reset).
+
+Resource handling: the fds in an event belong to the handler from
+``apply`` on: queue fds go to their slot, region fds to the memory, the
+back-end channel fd to its sender; ``release`` closes them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Awaitable, Callable, Mapping
+
+import trio
+
+from . import events as E
+from . import wire
+from .backend_channel import BackendChannelSender
+from .device import Device
+from .handles import QueueHandle, RawQueue
+from .memory import GuestMemory, MemoryAccessError, RegionSpec
+from .protocol import ProtocolError, Session
+from .queues import QueueRuntime, QueueSlot
+from .virtio import Transport, has
+from .virtqueue import RingError
+
+log = logging.getLogger(__name__)
+
+Apply = Callable[["Handler", Any], Awaitable[Any]]
+
+
+def _spec(r: E.MemRegion) -> RegionSpec:
+    return RegionSpec(r.gpa, r.size, r.uva, r.mmap_offset)
+
+
+class Handler:
+    """Applies one connection's events; see the module docstring."""
+
+    def __init__(self, device: Device, session: Session, *, ring_impl: str = "native",
+                 name: str = "vhost-user") -> None:
+        self.device = device
+        self.session = session
+        self.name = name
+        self.memory = GuestMemory()
+        self.runtime = QueueRuntime(self.memory, device.max_queues, round=self._round, on_fault=self._fault,
+                                    ring_impl=ring_impl, name=name)
+        self.backend = BackendChannelSender(name)
+        self.handles = [QueueHandle(self.runtime, s) for s in self.runtime.slots]
+        self.raw = [RawQueue(self.runtime, s) for s in self.runtime.slots]
+        self.nursery: trio.Nursery | None = None
+        self._features_announced = False
+        self._warned: set[tuple[int, str]] = set()
+
+    @property
+    def slots(self) -> list[QueueSlot]:
+        return self.runtime.slots
+
+    @property
+    def device_broken(self) -> RingError | None:
+        return self.runtime.broken
+
+    # ------------------------------------------------------------ DeviceContext
+
+    @property
+    def negotiated_features(self) -> int | None:
+        return self.session.negotiated_features
+
+    @property
+    def effective_features(self) -> int:
+        return self.session.effective_features
+
+    def queue(self, role: str) -> QueueHandle | None:
+        for slot, handle in zip(self.slots, self.handles):
+            if slot.role == role and slot.running:
+                return handle
+        return None
+
+    def announce_config_change(self) -> None:
+        if self.nursery is not None and self.backend.connected:
+            self.nursery.start_soon(self.backend.config_change, self.session.reply_ack)
+
+    # ------------------------------------------------------------ life
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self.nursery = self.runtime.nursery = nursery
+        self.device.attach(self)
+
+    def release(self) -> None:
+        """The connection ended: the device lets go of every queue, then
+        every fd and mapping is closed."""
+        for slot, raw in zip(self.slots, self.raw):
+            if slot.running:
+                self.device.queue_stopped(raw)
+        self.runtime.release()
+        self.backend.close()
+        self.memory.clear()
+        self.nursery = self.runtime.nursery = None
+        self.device.detach()
+
+    # ------------------------------------------------------------ events
+
+    async def apply(self, event: E.Event) -> Any:
+        return await self._APPLY[type(event)](self, event)
+
+    async def _nothing(self, ev: E.Event) -> None:
+        return None
+
+    async def _features_set(self, ev: E.FeaturesSet) -> None:
+        log.debug("%s: driver accepted %s", self.name, self.device.feature_names(ev.features))
+        self.device.features_accepted(ev.features)
+
+    async def _protocol_features_set(self, ev: E.ProtocolFeaturesSet) -> None:
+        log.info("%s: protocol features: %s", self.name, ", ".join(wire.protocol_feature_names(ev.features)))
+
+    async def _rings_reset(self, ev: E.RingsReset) -> None:
+        await self._stop_all()
+        if ev.full:
+            self._reset_device()
+
+    async def _mem_table_set(self, ev: E.MemTableSet) -> None:
+        specs = [_spec(r) for r in ev.regions]
+        await self._change_memory(ev.request, lambda: self.memory.replace(list(zip(ev.fds, specs))))
+
+    async def _mem_region_added(self, ev: E.MemRegionAdded) -> None:
+        await self._change_memory(ev.request, lambda: self.memory.add_region(ev.fd, _spec(ev.region)))
+
+    async def _mem_region_removed(self, ev: E.MemRegionRemoved) -> None:
+        if ev.fd is not None:
+            os.close(ev.fd)
+        await self._change_memory(ev.request, lambda: self.memory.remove_region(_spec(ev.region)))
+
+    async def _vring_num(self, ev: E.VringNum) -> None:
+        self.slots[ev.index].num = ev.num
+
+    async def _vring_addr(self, ev: E.VringAddr) -> None:
+        slot = self.slots[ev.index]
+        slot.addr = ev
+        if slot.running:
+            self._configure(slot, ev.request)
+
+    async def _vring_base(self, ev: E.VringBase) -> None:
+        self.slots[ev.index].base = ev.base
+
+    async def _vring_stop(self, ev: E.VringStop) -> int:
+        return await self._stop_ring(self.slots[ev.index])
+
+    async def _vring_fd(self, ev: E.VringFd) -> None:
+        slot = self.slots[ev.index]
+        if ev.fd is not None:
+            # Never block the event loop on an eventfd a front-end made blocking.
+            os.set_blocking(ev.fd, False)
+        if ev.request == wire.Request.SET_VRING_KICK:
+            await self.runtime.cancel(slot)
+            slot.kick.replace(ev.fd)
+            slot.poll = ev.fd is None
+            self._start_ring(slot)
+        elif ev.request == wire.Request.SET_VRING_CALL:
+            slot.call.replace(ev.fd)
+            self.device.call_changed(self.raw[slot.index])
+        else:
+            slot.err.replace(ev.fd)
+
+    async def _vring_enable(self, ev: E.VringEnable) -> None:
+        slot = self.slots[ev.index]
+        slot.enabled = ev.enable
+        log.debug("%s: queue %d %s", self.name, ev.index, "enabled" if ev.enable else "disabled")
+        self.device.queue_enabled(self.raw[slot.index], ev.enable)
+        if ev.enable and slot.running:
+            self.runtime.wake(slot)
+
+    async def _vring_kick_inband(self, ev: E.VringKickInband) -> None:  # pragma: no cover - never offered
+        self.runtime.wake(self.slots[ev.index])
+
+    async def _backend_channel_set(self, ev: E.BackendChannelSet) -> None:
+        try:
+            self.backend.replace(ev.fd)
+        finally:
+            os.close(ev.fd)  # replace duplicated it
+
+    async def _config_read(self, ev: E.ConfigRead) -> bytes:
+        return self.device.read_config(ev.offset, ev.size)
+
+    async def _config_write(self, ev: E.ConfigWrite) -> None:
+        written = self.device.write_config(ev.offset, ev.data)
+        log.debug("%s: config write at %d (%d bytes) changed %s", self.name, ev.offset, len(ev.data), written)
+
+    async def _status_set(self, ev: E.StatusSet) -> E.Refusal | None:
+        if ev.status == 0:
+            log.info("%s: device reset by the driver (status 0)", self.name)
+            self._reset_device()
+            return None
+        if ev.features_ok_requested:
+            reason = self.device.validate_features(ev.accepted)
+            if reason is not None:
+                log.warning("%s: refusing features %s at FEATURES_OK: %s", self.name,
+                            self.device.feature_names(ev.accepted), reason)
+                return E.Refusal(reason)
+            self._announce_features(ev.accepted)
+        elif self.session.negotiated_features is not None:
+            # Legacy drivers' features become final at DRIVER_OK (negotiation rule 7).
+            self._announce_features(self.session.negotiated_features)
+        return None
+
+    async def _device_request(self, ev: E.DeviceRequest) -> Any:
+        try:
+            return self.device.request(ev.request.name, ev.payload)
+        except NotImplementedError:
+            raise ProtocolError(ev.request.name, f"not supported by device {self.device.name}") from None
+
+    _APPLY: Mapping[type[E.Event], Apply] = {
+        E.Query: _nothing,
+        E.OwnerSet: _nothing,
+        E.FeaturesSet: _features_set,
+        E.ProtocolFeaturesSet: _protocol_features_set,
+        E.RingsReset: _rings_reset,
+        E.MemTableSet: _mem_table_set,
+        E.MemRegionAdded: _mem_region_added,
+        E.MemRegionRemoved: _mem_region_removed,
+        E.VringNum: _vring_num,
+        E.VringAddr: _vring_addr,
+        E.VringBase: _vring_base,
+        E.VringStop: _vring_stop,
+        E.VringFd: _vring_fd,
+        E.VringEnable: _vring_enable,
+        E.VringKickInband: _vring_kick_inband,
+        E.BackendChannelSet: _backend_channel_set,
+        E.ConfigRead: _config_read,
+        E.ConfigWrite: _config_write,
+        E.StatusSet: _status_set,
+        E.DeviceRequest: _device_request,
+    }
+
+    # ------------------------------------------------------------ features
+
+    def _announce_features(self, features: int) -> None:
+        if self._features_announced:
+            return
+        self._features_announced = True
+        log.info("%s: negotiated features: %s", self.name, ", ".join(self.device.feature_names(features)))
+        self.device.features_negotiated(features)
+
+    def _reset_device(self) -> None:
+        self._features_announced = False
+        self.runtime.broken = None
+        self.device.reset()
+
+    # ------------------------------------------------------------ memory
+
+    async def _change_memory(self, req: wire.Request, change: Callable[[], None]) -> None:
+        # Rings hold pointers into the old mappings: stop their tasks first,
+        # then re-translate (DPDK replaces the table while running).
+        running = [s for s in self.slots if s.running]
+        for slot in running:
+            await self.runtime.cancel(slot)
+        try:
+            change()
+        except MemoryAccessError as exc:
+            raise ProtocolError(req.name, str(exc)) from None
+        for slot in running:
+            self._configure(slot, req)
+            self.runtime.spawn(slot)
+        self.device.memory_changed(self.memory)
+
+    # ------------------------------------------------------------ rings
+
+    def _configure(self, slot: QueueSlot, req: wire.Request, base: int | None = None) -> None:
+        try:
+            self.runtime.configure(slot, event_idx=has(self.session.effective_features, Transport.EVENT_IDX),
+                                   base=base)
+        except ValueError as exc:
+            raise ProtocolError(req.name, str(exc)) from None
+
+    def _start_ring(self, slot: QueueSlot) -> None:
+        """Spec: a ring starts when its kick fd arrives."""
+        if slot.addr is None or slot.num == 0:
+            raise ProtocolError("SET_VRING_KICK", f"queue {slot.index} started without size or addresses")
+        if not self._features_announced and self.session.negotiated_features is not None:
+            self._announce_features(self.session.negotiated_features)
+        self._configure(slot, wire.Request.SET_VRING_KICK, base=slot.base)
+        self._check_role(slot)
+        # Spec: without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled.
+        if not has(self.session.accepted_features or 0, Transport.PROTOCOL_FEATURES):
+            slot.enabled = True
+        self.device.queue_started(self.raw[slot.index])
+        self.runtime.spawn(slot)
+
+    async def _stop_ring(self, slot: QueueSlot) -> int:
+        await self.runtime.cancel(slot)
+        if slot.running:
+            self.device.queue_stopped(self.raw[slot.index])
+        return await self.runtime.stop(slot)
+
+    async def _stop_all(self) -> None:
+        for slot in self.slots:
+            if slot.running:
+                await self._stop_ring(slot)
+            slot.enabled = False
+
+    def _check_role(self, slot: QueueSlot) -> None:
+        """Name the queue per the active policy and warn when the driver's
+        use disagrees with it (design.md semantics 2)."""
+        dev = self.device
+        negotiated = self.session.effective_features
+        layout = dev.queue_layout(negotiated)
+        slot.role = layout.roles.get(slot.index)
+        if slot.role is None:
+            self._warn_once(slot.index, "none", "%s: driver started queue %d, which the %s layout does not have",
+                            self.name, slot.index, layout.policy)
+            return
+        feature = next((f for f in dev.features if slot.role in f.queues), None)
+        if feature is not None and not negotiated & (1 << feature.bit):
+            alt = dev.queue_layout(negotiated, "negotiated").roles.get(slot.index)
+            self._warn_once(slot.index, "feature",
+                            "%s: driver uses queue %d, the %s layout's %s, but did not accept %s "
+                            "(a driver numbering by negotiated features means %s)",
+                            self.name, slot.index, layout.policy, slot.role, feature.name, alt)
+        log.info("%s: queue %d (%s) started, size %d", self.name, slot.index, slot.role, slot.num)
+
+    def _warn_once(self, index: int, kind: str, msg: str, *args: Any) -> None:
+        if (index, kind) not in self._warned:
+            self._warned.add((index, kind))
+            log.warning(msg, *args)
+
+    # ------------------------------------------------------------ runtime callbacks
+
+    def _round(self, slot: QueueSlot) -> None:
+        self.device.on_kick(self.handles[slot.index])
+
+    def _fault(self, slot: QueueSlot, error: RingError) -> None:
+        self.session.mark_needs_reset()
+        self.device.queues_broken(error)
+        self.announce_config_change()

@@ -1,0 +1,147 @@
+"""Device plugins: what a device *type* brings besides the device itself.
+
+A plugin is the target of a ``vuser.devices`` entry point (vuser's own
+devices register the same way a third-party package does).  It owns:
+
+* the command-line options of ``vuser run DEVICE`` / ``vuser qemu-args
+  DEVICE`` and how they become device instances, one per socket
+  (``create``; net makes several ports of one switch);
+* the QEMU arguments that attach a device (``qemu_args``);
+* background work shared by every instance (``background``);
+* control commands (``commands``): typed callables that the control server
+  runs and ``vuser devices`` lists.
+
+A device with nothing special needs only ``DevicePlugin(MyDevice)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
+
+from .device import POLICIES, Device, DeviceError
+from .errors import UsageError
+
+D = TypeVar("D", bound=Device)
+
+BackgroundTask = Callable[..., Awaitable[None]]
+"""``async fn(*, task_status=trio.TASK_STATUS_IGNORED)``: started once per
+process, for as long as the device serves."""
+
+
+class CommandError(UsageError):
+    """A control command given the wrong arguments (the user's error)."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One positional argument of a control command."""
+
+    name: str
+    parse: Callable[[str], Any] = str
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Command(Generic[D]):
+    """A control command: ``run(devices, *values)`` gets the process's
+    device instances (socket order) and the parsed arguments and returns
+    something JSON can encode."""
+
+    name: str
+    help: str
+    run: Callable[..., Any]
+    params: tuple[Param, ...] = ()
+
+    @property
+    def usage(self) -> str:
+        return " ".join([self.name, *(p.name.upper() for p in self.params)])
+
+    def __call__(self, devices: Sequence[D], args: Sequence[str]) -> Any:
+        if len(args) != len(self.params):
+            raise CommandError(f"{self.name} takes {len(self.params)} argument(s): {self.usage}")
+        values = []
+        for p, text in zip(self.params, args):
+            try:
+                values.append(p.parse(text))
+            except (ValueError, DeviceError) as exc:
+                raise CommandError(f"{self.name}: bad {p.name} {text!r}: {exc}") from None
+        return self.run(devices, *values)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "usage": self.usage, "help": self.help,
+                "params": [{"name": p.name, "help": p.help} for p in self.params]}
+
+
+def qemu_escape(value: str) -> str:
+    """A value inside a QEMU option list: commas are doubled
+    (QEMU's QemuOpts syntax; ``path=/a,,b`` is the path ``/a,b``)."""
+    return value.replace(",", ",,")
+
+
+@dataclass
+class DevicePlugin(Generic[D]):
+    """The device type ``device`` as the CLI, QEMU and the control socket
+    see it; subclass to add options, commands or several ports."""
+
+    device: type[D]
+    commands: tuple[Command[D], ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return self.device.name
+
+    @property
+    def description(self) -> str:
+        return self.device.description or self.device.name
+
+    # ----------------------------------------------------------- command line
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Options of ``vuser run NAME`` and ``vuser qemu-args NAME``
+        (override and call super)."""
+        parser.add_argument("--without", action="append", default=[], metavar="FEATURE",
+                            help="do not offer FEATURE (spec name, with or without its prefix)")
+        parser.add_argument("--queue-policy", choices=POLICIES, default="offered",
+                            help="how queue indexes follow features (default: offered)")
+
+    def options(self, args: argparse.Namespace) -> dict[str, Any]:
+        """Device constructor arguments from the parsed options (override)."""
+        return {}
+
+    def create(self, args: argparse.Namespace, sockets: Sequence[str]) -> list[D]:
+        """One device instance per socket (socket order).  Raises
+        DeviceError for options that do not fit."""
+        if len(sockets) != 1:
+            raise DeviceError(f"{self.name} serves one socket; --socket given {len(sockets)} times")
+        return [self.device(without=args.without, queue_policy=args.queue_policy, **self.options(args))]
+
+    def close(self, devices: Sequence[D]) -> None:
+        """Release what ``create`` acquired (files, taps)."""
+
+    def background(self, devices: Sequence[D]) -> list[BackgroundTask]:
+        """Work shared by every instance, run once per process."""
+        return []
+
+    # ----------------------------------------------------------- QEMU
+
+    def qemu_args(self, device: D, chardev: str, qemu_version: str) -> list[str]:
+        """QEMU arguments after ``-chardev socket,id=CHARDEV,...`` that put
+        the device in the guest.  Default: QEMU 11's generic device."""
+        return ["-device", f"vhost-user-test-device-pci,chardev={chardev},virtio-id={device.virtio_id},"
+                           f"num_vqs={device.max_queues},config_size={device.config_size}"]
+
+    # ----------------------------------------------------------- control
+
+    def command(self, name: str) -> Command[D] | None:
+        for c in self.commands:
+            if c.name == name:
+                return c
+        return None
+
+    def default_device(self) -> D:
+        """An instance with default options (for ``vuser devices``)."""
+        parser = argparse.ArgumentParser()
+        self.add_arguments(parser)
+        return self.create(parser.parse_args([]), ["-"])[0]

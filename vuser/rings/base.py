@@ -1,0 +1,112 @@
+"""The ring interface: what every ring implementation offers the virtqueue.
+
+A ring is the device side of one virtqueue's memory layout (split now,
+packed later), in C (``native/``) or in pure Python (the reference twin).
+Implementations are classes of the ``Ring`` protocol; ``vuser.virtqueue``
+picks one by (layout, impl) and never branches on which it got, and the
+property suite compares the two implementations of each layout through this
+interface on hostile rings.
+
+A pop returns plain tuples, identical for every implementation:
+
+* chain ``(first_seg, nsegs, nread, out_len, in_len, head, 0)`` — the
+  field order of ``struct vu_chain``;
+* segment ``(offset, len, region, flags)`` — ``struct vu_seg``: region
+  index into ``memory.regions``, offset in that region, ``SEG_WRITE`` for
+  device-writable.
+
+Semantics shared by all (zero-length descriptors, region spanning,
+segment space, sticky errors) are documented once, in ``native/vring.h``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, Sequence
+
+MAX_REGIONS = 64
+MAX_QUEUE_SIZE = 32768
+MAX_INDIRECT = 32768     # entries in one indirect table
+SEG_WRITE = 1            # segment flag: device-writable
+
+ChainTuple = tuple[int, int, int, int, int, int, int]
+SegTuple = tuple[int, int, int, int]
+PopResult = tuple[int, list[ChainTuple], list[SegTuple]]
+
+
+class RegionLike(Protocol):
+    """A mapped region: guest-physical ``[gpa, gpa + size)`` as ``view``."""
+
+    @property
+    def gpa(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def view(self) -> memoryview: ...
+
+
+class RingMemory(Protocol):
+    """What a ring reads buffers through: the regions (Python) and the
+    ``struct vu_mem *`` mirroring them (C)."""
+
+    @property
+    def regions(self) -> Sequence[RegionLike]: ...
+    @property
+    def native(self) -> Any: ...
+
+
+class Ring(Protocol):
+    """One ring's device side.  Methods return 0 / a count / a flag, or a
+    negative error code (``vuser.rings.errors``)."""
+
+    layout: ClassVar[str]   # "split"
+    impl: ClassVar[str]     # "native" or "python"
+
+    @staticmethod
+    def area_sizes(num: int) -> tuple[int, int, int]:
+        """Bytes of the descriptor table, driver area and device area."""
+        ...
+
+    def init(self, num: int, areas: Sequence[memoryview], event_idx: bool, base: int) -> int:
+        """Start over on these areas (writable views of the sizes above);
+        ``base`` is SET_VRING_BASE's value."""
+        ...
+
+    def clear(self) -> None:
+        """Forget the areas: nothing touches memory until the next init."""
+        ...
+
+    def pop(self, memory: RingMemory, max_chains: int, max_segs: int) -> PopResult: ...
+
+    def push(self, elems: Sequence[tuple[int, int]]) -> int:
+        """Publish used (id, written) pairs once; ValueError for values
+        that do not fit 32 bits."""
+        ...
+
+    def need_notify(self) -> int: ...
+
+    def set_notification(self, enable: bool) -> None: ...
+
+    def avail_pending(self) -> int: ...
+
+    def base(self) -> int:
+        """GET_VRING_BASE's value: where the driver side resumes."""
+        ...
+
+    def snapshot(self) -> dict[str, int]:
+        """The ring's state, to carry it across new area pointers."""
+        ...
+
+    def restore(self, state: dict[str, int]) -> None: ...
+
+    @property
+    def num(self) -> int: ...
+    @property
+    def used_idx(self) -> int: ...
+    @property
+    def broken(self) -> bool: ...
+    @property
+    def error(self) -> int: ...
+    @property
+    def native(self) -> Any:
+        """The C struct for C data paths (net); None for Python rings."""
+        ...

@@ -1,0 +1,62 @@
+"""Ring error codes, their names and descriptions, and ``RingError``.
+
+The codes are identical to ``VU_ERR_*`` in ``native/vring.h`` (checked at
+import by ``vuser.rings.split_native``).  Chain errors (-1..-19) mean the
+guest put garbage in a ring: the ring breaks and the device needs a reset.
+The others are caller errors and change nothing.
+"""
+
+from __future__ import annotations
+
+ERR_AVAIL_IDX = -1
+ERR_HEAD = -2
+ERR_NEXT = -3
+ERR_LOOP = -4
+ERR_DESC_ADDR = -5
+ERR_CHAIN_LEN = -6
+ERR_INDIRECT_NEXT = -7
+ERR_INDIRECT_NESTED = -8
+ERR_INDIRECT_POS = -9
+ERR_INDIRECT_LEN = -10
+ERR_INDIRECT_ADDR = -11
+ERR_ORDER = -12
+ERR_CHAIN_SEGS = -13
+ERR_NOT_READY = -20
+ERR_NUM = -21
+ERR_RING_SIZE = -22
+ERR_PUSH_COUNT = -23
+ERR_PUSH_ID = -24
+
+ERROR_NAMES: dict[int, str] = {
+    code: "VU_" + name for name, code in dict(globals()).items() if name.startswith("ERR_")
+}
+
+DESCRIPTIONS = {
+    ERR_AVAIL_IDX: "avail index moved more than the queue size ahead",
+    ERR_HEAD: "avail ring names a head descriptor beyond the table",
+    ERR_NEXT: "descriptor next index beyond its table",
+    ERR_LOOP: "descriptor chain loops",
+    ERR_DESC_ADDR: "buffer outside guest memory",
+    ERR_CHAIN_LEN: "chain longer than 4 GiB - 1",
+    ERR_INDIRECT_NEXT: "indirect descriptor with NEXT set",
+    ERR_INDIRECT_NESTED: "indirect descriptor inside an indirect table",
+    ERR_INDIRECT_POS: "indirect descriptor that is not the chain head",
+    ERR_INDIRECT_LEN: "indirect table length 0, not a multiple of 16 or too long",
+    ERR_INDIRECT_ADDR: "indirect table not inside one guest memory region",
+    ERR_ORDER: "device-readable descriptor after a device-writable one",
+    ERR_CHAIN_SEGS: "chain has more segments than the queue's segment space",
+    ERR_NOT_READY: "ring not configured",
+    ERR_NUM: "queue size not a power of 2 in 1..32768",
+    ERR_RING_SIZE: "ring area too small",
+    ERR_PUSH_COUNT: "more used elements than the queue size in one batch",
+    ERR_PUSH_ID: "used element id beyond the queue size",
+}
+
+
+class RingError(Exception):
+    """The guest put garbage in a ring (``code`` is a VU_ERR_* value)."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.name = ERROR_NAMES.get(code, f"VU_ERR_{-code}")
+        super().__init__(f"{self.name}: {DESCRIPTIONS.get(code, 'unknown ring error')}")

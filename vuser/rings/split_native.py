@@ -1,0 +1,154 @@
+"""The split ring in C (``native/vring.c``) as a ``vuser.rings.base.Ring``.
+
+This class only moves arguments across the cffi boundary: the ring walk,
+the checks and the barriers are C.  ``native`` is the ``struct vu_vring *``
+that C data paths (net) take directly.
+
+Resource handling: the cffi handles on the three ring areas are released
+in ``clear``; the output arrays are owned here and reused across pops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from typing import Any, ClassVar, Sequence
+
+from .base import MAX_INDIRECT, MAX_QUEUE_SIZE, MAX_REGIONS, SEG_WRITE, PopResult, RingMemory
+from .errors import ERROR_NAMES
+from .split_ref import PySplitRing, split_area_sizes
+from ..virtio import AvailFlag, DescFlag, UsedFlag
+
+try:
+    from vuser._native import ffi as _ffi, lib as _lib
+except ImportError:  # the pure-Python ring still works
+    _ffi = _lib = None
+
+# Host-order layouts of struct vu_chain and struct vu_seg (checked below).
+_CHAIN = struct.Struct("=IIIIIHH")  # first_seg, nsegs, nread, out_len, in_len, head, reserved
+_SEG = struct.Struct("=QIHH")       # offset, len, region, flags
+
+if _ffi is not None:
+    assert _ffi.sizeof("struct vu_chain") == _CHAIN.size
+    assert _ffi.sizeof("struct vu_seg") == _SEG.size
+    for _code, _name in ERROR_NAMES.items():
+        assert getattr(_lib, _name) == _code, _name
+    assert (_lib.VU_MAX_REGIONS, _lib.VU_MAX_QUEUE_SIZE, _lib.VU_MAX_INDIRECT, _lib.VU_SEG_WRITE) == \
+        (MAX_REGIONS, MAX_QUEUE_SIZE, MAX_INDIRECT, SEG_WRITE)
+    # The C header's copies of the spec's flags (C cannot import virtio.py).
+    assert (_lib.VU_DESC_F_NEXT, _lib.VU_DESC_F_WRITE, _lib.VU_DESC_F_INDIRECT) == \
+        (DescFlag.NEXT, DescFlag.WRITE, DescFlag.INDIRECT)
+    assert (_lib.VU_AVAIL_F_NO_INTERRUPT, _lib.VU_USED_F_NO_NOTIFY) == (AvailFlag.NO_INTERRUPT, UsedFlag.NO_NOTIFY)
+
+
+def native_available() -> bool:
+    return _lib is not None
+
+
+class NativeSplitRing:
+    """A ``struct vu_vring`` and the vring.c functions on it."""
+
+    layout: ClassVar[str] = "split"
+    impl: ClassVar[str] = "native"
+    @staticmethod
+    def area_sizes(num: int) -> tuple[int, int, int]:
+        return split_area_sizes(num)
+
+    def __init__(self) -> None:
+        if _lib is None:
+            raise RuntimeError("vuser._native is not built (pip install . or python native/build_vring.py)")
+        self._vr: Any = _ffi.new("struct vu_vring *")
+        self._counts = _ffi.new("uint32_t[2]")
+        self._handles: list[Any] = []
+        self._chains: Any = _ffi.NULL
+        self._segs: Any = _ffi.NULL
+        self._used: Any = _ffi.NULL
+        self._chain_cap = self._seg_cap = 0
+
+    @property
+    def native(self) -> Any:
+        return self._vr
+
+    def clear(self) -> None:
+        self._vr.num = 0
+        for h in self._handles:
+            _ffi.release(h)
+        self._handles = []
+
+    def init(self, num: int, areas: Sequence[memoryview], event_idx: bool, base: int) -> int:
+        self.clear()
+        self._handles = [_ffi.from_buffer(v) for v in areas]
+        (d, dl), (a, al), (u, ul) = ((_ffi.cast("uint8_t *", h), len(v)) for h, v in zip(self._handles, areas))
+        if 0 < num <= MAX_QUEUE_SIZE and num > self._chain_cap:
+            self._chains = _ffi.new("struct vu_chain[]", num)
+            self._used = _ffi.new("struct vu_used_elem[]", num)
+            self._chain_cap = num
+        return int(_lib.vu_vring_init(self._vr, num, d, dl, a, al, u, ul, bool(event_idx), base & 0xFFFF))
+
+    def base(self) -> int:
+        return int(self._vr.last_avail_idx)
+
+    def snapshot(self) -> dict[str, int]:
+        return {k: int(getattr(self._vr, k)) for k in PySplitRing.STATE}
+
+    def restore(self, state: dict[str, int]) -> None:
+        for k, v in state.items():
+            setattr(self._vr, k, v)
+
+    @property
+    def num(self) -> int:
+        return int(self._vr.num)
+
+    @property
+    def used_idx(self) -> int:
+        return int(self._vr.used_idx)
+
+    @property
+    def broken(self) -> bool:
+        return bool(self._vr.broken)
+
+    @property
+    def error(self) -> int:
+        return int(self._vr.error)
+
+    # ------------------------------------------------------------ data path
+
+    def pop(self, memory: RingMemory, max_chains: int, max_segs: int) -> PopResult:
+        rc, nc, ns, chains, segs = self.pop_raw(memory, max_chains, max_segs)
+        if not nc:
+            return rc, [], []
+        return (rc, list(_CHAIN.iter_unpack(_ffi.buffer(chains, _CHAIN.size * nc))),
+                list(_SEG.iter_unpack(_ffi.buffer(segs, _SEG.size * ns))))
+
+    def pop_raw(self, memory: RingMemory, max_chains: int, max_segs: int) -> tuple[int, int, int, Any, Any]:
+        """One vu_vring_pop into arrays owned here, without building Python
+        objects: (rc, n_chains, n_segs, chains, segs); the arrays are
+        reused by the next pop."""
+        if max_segs > self._seg_cap:
+            self._segs = _ffi.new("struct vu_seg[]", max_segs)
+            self._seg_cap = max_segs
+        counts = self._counts
+        rc = int(_lib.vu_vring_pop(self._vr, memory.native, self._chains, min(max_chains, self._chain_cap),
+                                   self._segs, max_segs, counts, counts + 1))
+        return rc, int(counts[0]), int(counts[1]), self._chains, self._segs
+
+    def push(self, elems: Sequence[tuple[int, int]]) -> int:
+        n = len(elems)
+        try:
+            if 0 < n <= self._chain_cap:
+                struct.pack_into(f"={2 * n}I", _ffi.buffer(self._used, 8 * n), 0,
+                                 *itertools.chain.from_iterable(elems))
+            elif n:  # more than any ring here holds: C refuses without reading them
+                struct.pack(f"={2 * n}I", *itertools.chain.from_iterable(elems))
+        except struct.error:
+            raise ValueError(f"used elements out of range: {list(elems)!r}") from None
+        return int(_lib.vu_vring_push(self._vr, self._used, n))
+
+    def need_notify(self) -> int:
+        return int(_lib.vu_vring_need_notify(self._vr))
+
+    def set_notification(self, enable: bool) -> None:
+        _lib.vu_vring_set_notification(self._vr, 1 if enable else 0)
+
+    def avail_pending(self) -> int:
+        return int(_lib.vu_vring_avail_pending(self._vr))
