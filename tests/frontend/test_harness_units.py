@@ -32,22 +32,17 @@ from vuser.frontend import (
     DriverQueue,
     FeaturesRefused,
     Frontend,
-    GuestMemory,
-    GuestMemoryError,
-    RegionSpec,
+    GuestRam,
+    GuestRamError,
+    RamRegionSpec,
     SplitLayout,
     UsedRingError,
     default_layout,
 )
-from vuser.frontend.connection import Channel, Connection
-from vuser.frontend.vring import (
-    VRING_AVAIL_F_NO_INTERRUPT,
-    VRING_DESC_F_INDIRECT,
-    VRING_DESC_F_NEXT,
-    VRING_DESC_F_WRITE,
-    VRING_USED_F_NO_NOTIFY,
-    vring_need_event,
-)
+from vuser.frontend.connection import FrontendChannel
+from vuser.frontend.vring import vring_need_event
+from vuser.stream import MessageStream
+from vuser.virtio import AvailFlag, DescFlag, UsedFlag
 from vuser.wire import BackendRequest, Request
 from vuser.wire import ProtocolFeature as PF
 
@@ -66,7 +61,7 @@ def bit(*bits: int) -> int:
 
 def test_default_layout_is_q35_like() -> None:
     specs = default_layout(64 * MiB, 2)
-    assert specs == [RegionSpec(0, 0xA0000, 0), RegionSpec(0xC0000, 64 * MiB - 0xC0000, 0xC0000)]
+    assert specs == [RamRegionSpec(0, 0xA0000, 0), RamRegionSpec(0xC0000, 64 * MiB - 0xC0000, 0xC0000)]
     four = default_layout(64 * MiB, 4)
     assert [s.gpa for s in four] == [0, 0xC0000, 1 << 32, 2 << 32]
     assert sum(s.size for s in four) == 64 * MiB - 0xC0000 + 0xA0000
@@ -75,7 +70,7 @@ def test_default_layout_is_q35_like() -> None:
 
 
 def test_memory_translation_and_gaps() -> None:
-    with GuestMemory.create(8 * MiB, regions=3) as mem:
+    with GuestRam.create(8 * MiB, regions=3) as mem:
         r0, r1, r2 = mem.regions
         assert r1.mmap_offset != 0 and r2.mmap_offset != 0
         assert len({r.uva for r in mem.regions}) == 3
@@ -85,11 +80,11 @@ def test_memory_translation_and_gaps() -> None:
             mem.write(r.gpa + r.size - 4, b"abcd")
             assert mem.read(r.gpa + r.size - 4, 4) == b"abcd"
             assert mem.uva_to_gpa(mem.gpa_to_uva(r.gpa + 5)) == r.gpa + 5
-        with pytest.raises(GuestMemoryError):
+        with pytest.raises(GuestRamError):
             mem.read(r0.gpa_end - 2, 4)  # crosses into the hole
-        with pytest.raises(GuestMemoryError):
+        with pytest.raises(GuestRamError):
             mem.read(0xB0000, 1)  # inside the hole
-        with pytest.raises(GuestMemoryError):
+        with pytest.raises(GuestRamError):
             mem.uva_to_gpa(1)
         # The bytes are really in the memfd at mmap_offset.
         mem.write(r1.gpa + 16, b"xyz")
@@ -97,7 +92,7 @@ def test_memory_translation_and_gaps() -> None:
 
 
 def test_memory_separate_fds_and_identity() -> None:
-    with GuestMemory.create(4 * MiB, regions=2, separate_fds=True, identity=True) as mem:
+    with GuestRam.create(4 * MiB, regions=2, separate_fds=True, identity=True) as mem:
         r0, r1 = mem.regions
         assert r0.fd != r1.fd
         assert r1.mmap_offset % mmap.PAGESIZE == 0 and r1.mmap_offset > 0
@@ -110,7 +105,7 @@ def test_memory_separate_fds_and_identity() -> None:
 
 
 def test_alloc_round_robin_and_free() -> None:
-    with GuestMemory.create(4 * MiB, regions=2) as mem:
+    with GuestRam.create(4 * MiB, regions=2) as mem:
         a = mem.alloc(100)
         b = mem.alloc(100)
         assert mem.region_of(a).index != mem.region_of(b).index
@@ -118,9 +113,9 @@ def test_alloc_round_robin_and_free() -> None:
         mem.free(b)
         big = mem.alloc(3 * MiB)
         assert mem.region_of(big, 3 * MiB).index == 1
-        with pytest.raises(GuestMemoryError):
+        with pytest.raises(GuestRamError):
             mem.alloc(8 * MiB)
-        with pytest.raises(GuestMemoryError):
+        with pytest.raises(GuestRamError):
             mem.free(big + 8)
 
 
@@ -151,31 +146,31 @@ def test_vring_need_event() -> None:
 
 
 def test_chains_direct_and_indirect() -> None:
-    with GuestMemory.create(8 * MiB) as mem:
+    with GuestRam.create(8 * MiB) as mem:
         q = DriverQueue(mem, 0, 8, indirect=True)
         assert q.desc_gpa % 16 == 0
         head = q.add_chain(out=[b"hello", b"wo"], in_=[16], indirect=False, token="t")
         d0 = q.read_desc(head)
-        assert d0[1] == 5 and d0[2] == VRING_DESC_F_NEXT and mem.read(d0[0], 5) == b"hello"
+        assert d0[1] == 5 and d0[2] == DescFlag.NEXT and mem.read(d0[0], 5) == b"hello"
         d1 = q.read_desc(d0[3])
-        assert d1[1] == 2 and d1[2] == VRING_DESC_F_NEXT
+        assert d1[1] == 2 and d1[2] == DescFlag.NEXT
         d2 = q.read_desc(d1[3])
-        assert d2[1] == 16 and d2[2] == VRING_DESC_F_WRITE
+        assert d2[1] == 16 and d2[2] == DescFlag.WRITE
         assert mem.unpack("<H", q.avail_gpa + 2)[0] == 1
         assert mem.unpack("<H", q.avail_gpa + 4)[0] == head
         # Linux's rule: indirect when negotiated and more than one buffer.
         h2 = q.add_chain(out=[b"a"], in_=[4])
         addr, length, flags, _ = q.read_desc(h2)
-        assert flags == VRING_DESC_F_INDIRECT and length == 32
+        assert flags == DescFlag.INDIRECT and length == 32
         t0 = mem.unpack("<QIHH", addr)
         t1 = mem.unpack("<QIHH", addr + 16)
-        assert t0[1:] == (1, VRING_DESC_F_NEXT, 1) and t1[1:3] == (4, VRING_DESC_F_WRITE)
+        assert t0[1:] == (1, DescFlag.NEXT, 1) and t1[1:3] == (4, DescFlag.WRITE)
         assert q.num_free == 8 - 3 - 1
         q.close()
 
 
 def test_used_collection_and_validation() -> None:
-    with GuestMemory.create(8 * MiB) as mem:
+    with GuestRam.create(8 * MiB) as mem:
         q = DriverQueue(mem, 0, 4)
         head = q.add_inbuf(8, token="x")
         # Play the device: write data and a used element.
@@ -201,11 +196,11 @@ def test_used_collection_and_validation() -> None:
 
 
 def test_kick_suppression_and_event_idx() -> None:
-    with GuestMemory.create(8 * MiB) as mem:
+    with GuestRam.create(8 * MiB) as mem:
         q = DriverQueue(mem, 0, 8)
         q.add_outbuf(b"x")
         assert q.kick() and os.eventfd_read(q.kick_fd) == 1
-        mem.pack("<H", q.used_gpa, VRING_USED_F_NO_NOTIFY)
+        mem.pack("<H", q.used_gpa, UsedFlag.NO_NOTIFY)
         q.add_outbuf(b"y")
         assert not q.kick() and q.stats.kicks_suppressed == 1
         q.close()
@@ -228,7 +223,7 @@ def test_kick_suppression_and_event_idx() -> None:
         e.close()
 
         n = DriverQueue(mem, 2, 8, callbacks=False)
-        assert mem.unpack("<H", n.avail_gpa)[0] == VRING_AVAIL_F_NO_INTERRUPT
+        assert mem.unpack("<H", n.avail_gpa)[0] == AvailFlag.NO_INTERRUPT
         n.close()
 
 
@@ -253,7 +248,7 @@ async def _recv_with_fds(sock: trio.socket.SocketType) -> tuple[bytes, list[int]
 
 async def test_request_encoding_with_fds_and_ack() -> None:
     ours, theirs = _pair()
-    conn = Connection(ours, timeout=2)
+    conn = FrontendChannel(ours, timeout=2)
     efd = os.eventfd(0)
     try:
         async def peer() -> None:
@@ -290,7 +285,7 @@ async def test_request_encoding_with_fds_and_ack() -> None:
 ])
 async def test_bad_replies(reply: bytes | None, error: type[Exception]) -> None:
     ours, theirs = _pair()
-    conn = Connection(ours, timeout=0.3)
+    conn = FrontendChannel(ours, timeout=0.3)
 
     async def peer() -> None:
         await theirs.recv(4096)
@@ -311,7 +306,7 @@ async def test_bad_replies(reply: bytes | None, error: type[Exception]) -> None:
 
 async def test_natural_reply_size_checked() -> None:
     ours, theirs = _pair()
-    conn = Connection(ours, timeout=1)
+    conn = FrontendChannel(ours, timeout=1)
 
     async def peer() -> None:
         await theirs.recv(4096)
@@ -349,7 +344,7 @@ class FakeBackend:
         self.status = 0
         self.regions: list[tuple[int, int, int, mmap.mmap, int]] = []  # gpa, size, uva, map, off
         self.vrings: dict[int, dict[str, Any]] = {}
-        self.backend_chan: Channel | None = None
+        self.backend_chan: MessageStream | None = None
         self.fds: list[int] = []
         self.connection_closed = trio.Event()
 
@@ -400,14 +395,14 @@ class FakeBackend:
                 else:                  # the ring itself was given as a uva
                     raw = self.rd(desc + 16 * i, 16, uva=True)
                 addr, length, flags, nxt = struct.unpack("<QIHH", raw)
-                if flags & VRING_DESC_F_INDIRECT:
+                if flags & DescFlag.INDIRECT:
                     table, tnum, i = addr, length // 16, 0
                     continue
-                if flags & VRING_DESC_F_WRITE:
+                if flags & DescFlag.WRITE:
                     writable.append((addr, length))
                 else:
                     readable += self.rd(addr, length)
-                if not flags & VRING_DESC_F_NEXT:
+                if not flags & DescFlag.NEXT:
                     break
                 i = nxt
                 assert i < tnum
@@ -428,7 +423,7 @@ class FakeBackend:
             used_event = struct.unpack("<H", self.rd(avail + 4 + 2 * num, 2, uva=True))[0]
             signal = vring_need_event(used_event, used_idx, old_used)
         else:
-            signal = not struct.unpack("<H", self.rd(avail, 2, uva=True))[0] & VRING_AVAIL_F_NO_INTERRUPT
+            signal = not struct.unpack("<H", self.rd(avail, 2, uva=True))[0] & AvailFlag.NO_INTERRUPT
         if done and signal and vr.get("call") is not None:
             os.eventfd_write(vr["call"], 1)
         return done
@@ -442,7 +437,7 @@ class FakeBackend:
         vr[key] = fds[0] if fds else None
 
     async def serve(self, sock: trio.socket.SocketType) -> None:
-        chan = Channel(sock)
+        chan = MessageStream(sock, strict=False)
         try:
             while True:
                 msg = await chan.recv()
@@ -479,8 +474,8 @@ class FakeBackend:
         elif req == Request.GET_MAX_MEM_SLOTS:
             return u64(req, 32)
         elif req == Request.SET_BACKEND_REQ_FD:
-            self.backend_chan = Channel(trio.socket.from_stdlib_socket(
-                socket.socket(fileno=fds[0])))
+            self.backend_chan = MessageStream(trio.socket.from_stdlib_socket(
+                socket.socket(fileno=fds[0])), strict=False)
         elif req == Request.SET_FEATURES:
             self.set_features_values.append(f.u64)
         elif req == Request.SET_MEM_TABLE:

@@ -34,7 +34,7 @@ Pieces:
   ``add_chain(out=[...], in_=[...], indirect=None)``, ``add_segments(...)``
   for hostile chains, ``kick()`` (honours EVENT_IDX / NO_NOTIFY),
   ``await wait_used(count, timeout)`` -> ``[UsedElem(head, length, data, token)]``.
-* ``GuestMemory`` (memory.py): memfd regions with gaps, non-zero mmap
+* ``GuestRam`` (memory.py): memfd regions with gaps, non-zero mmap
   offsets and QEMU-like front-end virtual addresses.
 
 Example::
@@ -66,11 +66,9 @@ from vuser.frontend.connection import (
     BackendRefused,
     BackendTimeout,
     BadReply,
-    Channel,
-    Connection,
     FeaturesRefused,
+    FrontendChannel,
     FrontendError,
-    RawMessage,
     Reply,
     TraceEntry,
 )
@@ -83,7 +81,7 @@ from vuser.frontend.frontend import (
     PROTOCOL_FEATURES_BIT,
     Frontend,
 )
-from vuser.frontend.memory import GuestMemory, GuestMemoryError, Region, RegionSpec, default_layout
+from vuser.frontend.memory import GuestRam, GuestRamError, RamRegion, RamRegionSpec, default_layout
 from vuser.frontend.personality import (
     DPDK,
     HARNESS_PROTOCOL_FEATURES,
@@ -101,13 +99,14 @@ from vuser.frontend.vring import (
     UsedElem,
     UsedRingError,
 )
+from vuser.stream import Message
 
 __all__ = [
     "ACKNOWLEDGE", "BackendChannel", "BackendDisconnected", "BackendMessage", "BackendRefused", "BackendTimeout",
-    "BadReply", "Channel", "Connection", "DEFAULT_TRANSPORT_FEATURES", "DPDK", "DRIVER",
+    "BadReply", "DEFAULT_TRANSPORT_FEATURES", "DPDK", "DRIVER",
     "DRIVER_OK", "Driver", "DriverQueue", "FEATURES_OK", "FeatureWrites", "FeaturesRefused",
-    "Frontend", "FrontendError", "GuestMemory", "GuestMemoryError", "HARNESS_PROTOCOL_FEATURES",
-    "PERSONALITIES", "PROTOCOL_FEATURES_BIT", "Personality", "QEMU_11_1", "QEMU_7_2",
-    "QueueFull", "QueueTimeout", "RawMessage", "Region", "RegionSpec", "Reply", "Segment",
+    "Frontend", "FrontendChannel", "FrontendError", "GuestRam", "GuestRamError", "HARNESS_PROTOCOL_FEATURES",
+    "Message", "PERSONALITIES", "PROTOCOL_FEATURES_BIT", "Personality", "QEMU_11_1", "QEMU_7_2",
+    "QueueFull", "QueueTimeout", "RamRegion", "RamRegionSpec", "Reply", "Segment",
     "SplitLayout", "TraceEntry", "UsedElem", "UsedRingError", "default_layout",
 ]

@@ -22,7 +22,8 @@ from typing import Awaitable, Callable
 import trio
 
 from vuser import wire
-from vuser.frontend.connection import Channel, FrontendError, MessageRecord
+from vuser.frontend.connection import FrontendError, MessageRecord
+from vuser.stream import MessageStream
 from vuser.wire import BackendRequest
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,14 @@ class BackendChannel:
         self.config_changes = 0
         self.error: str | None = None
         self._changed = trio.Event()
-        self._chan: Channel | None = None
+        self._chan: MessageStream | None = None
 
     def close(self) -> None:
         if self._chan is not None:
             self._chan.close()
             self._chan = None
 
-    async def serve(self, chan: Channel) -> None:
+    async def serve(self, chan: MessageStream) -> None:
         """Serve ``chan`` until the back-end closes it (replaces any earlier one)."""
         self.close()
         self._chan = chan
@@ -62,7 +63,7 @@ class BackendChannel:
                 msg = await chan.recv()
             except trio.ClosedResourceError:  # closed by us (replaced, or the front-end exits)
                 return
-            except (EOFError, ValueError, OSError) as exc:
+            except (wire.WireError, OSError) as exc:
                 self.error = str(exc)
                 log.warning("back-end channel: %s", exc)
                 return

@@ -1,11 +1,13 @@
-"""Front-end side of a vhost-user socket: framing, SCM_RIGHTS, request/reply.
+"""Front-end side of a vhost-user socket: request/reply discipline.
 
-``Channel`` moves whole messages (12-byte header, payload, fds) over a unix
-stream socket.  ``Connection`` adds the front-end's request discipline: one
-request at a time, NEED_REPLY when asked, strict validation of every reply
-(flags exactly VERSION|REPLY as QEMU and DPDK demand, same request code,
-exact payload size), REPLY_ACK payloads other than u64 0 turned into
-``BackendRefused``, and a trace of every message sent.
+Framing is ``vuser.stream.MessageStream`` in its tolerant mode (the harness
+reads and reports whatever a back-end sends).  ``FrontendChannel`` adds
+the front-end's request discipline: one request at a time, NEED_REPLY when
+asked, strict validation of every reply (flags exactly VERSION|REPLY as
+QEMU and DPDK demand, same request code, exact payload size), REPLY_ACK
+payloads other than u64 0 turned into ``BackendRefused``, and a trace of
+every message sent.  Which requests bring a reply of their own comes from
+the request table (``wire.REQUESTS``), the one the back-end uses too.
 
 Error handling: every wait is bounded by the connection's timeout.  A
 misbehaving back-end surfaces as a ``FrontendError`` subclass whose
@@ -14,38 +16,33 @@ message starts with the request name: ``BackendTimeout``,
 
 Resource handling: fds received with a reply belong to the ``Reply``
 (``Reply.close_fds()``); fds received with anything invalid are closed
-here.  The socket is closed by ``Connection.close()``.
+here.  The socket is closed by ``FrontendChannel.close()``.
 """
 
 from __future__ import annotations
 
-import array
 import logging
-import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import trio
 
 from vuser import wire
-from vuser.transport import close_fds, take_fds
+from vuser.stream import Message, MessageStream, Truncated, close_fds
 from vuser.wire import Request
 
 log = logging.getLogger(__name__)
 
-_FD_SPACE = socket.CMSG_SPACE(wire.MAX_FDS * array.array("i").itemsize)
 REPLY_FLAGS = wire.VERSION | wire.FLAG_REPLY
 
-# Requests the back-end answers whether or not NEED_REPLY is set (their
-# reply replaces the REPLY_ACK one).  SET_LOG_BASE replies only with
-# LOG_SHMFD, so callers say so explicitly.
-NATURAL_REPLY: frozenset[int] = frozenset({
-    Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_VRING_BASE,
-    Request.GET_QUEUE_NUM, Request.GET_CONFIG, Request.CREATE_CRYPTO_SESSION,
-    Request.POSTCOPY_ADVISE, Request.GET_INFLIGHT_FD, Request.GET_MAX_MEM_SLOTS,
-    Request.GET_STATUS, Request.GET_SHARED_OBJECT, Request.SET_DEVICE_STATE_FD,
-    Request.CHECK_DEVICE_STATE,
-})
+
+def replies(code: int, protocol_features: int) -> bool:
+    """Does the back-end answer request ``code`` whether or not NEED_REPLY
+    is set (its reply replaces the REPLY_ACK one)?  From the request table."""
+    try:
+        return wire.spec_for(code).replies(protocol_features)
+    except wire.WireError:  # an unknown request: nothing to expect
+        return False
 
 
 class FrontendError(Exception):
@@ -85,19 +82,6 @@ class FeaturesRefused(FrontendError):
                                        f"{features:#x} (status read back {status:#x})")
         self.features = features
         self.status = status
-
-
-@dataclass(frozen=True)
-class RawMessage:
-    """One message as received, unvalidated."""
-
-    request: int
-    flags: int
-    payload: bytes
-    fds: list[int] = field(default_factory=list)
-
-    def close_fds(self) -> None:
-        close_fds(self.fds)
 
 
 @dataclass(frozen=True)
@@ -141,64 +125,6 @@ class TraceEntry(MessageRecord):
     """One message the harness sent."""
 
 
-class Channel:
-    """Whole vhost-user messages over a unix stream socket, fds via SCM_RIGHTS."""
-
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock = sock
-
-    async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        anc = []
-        if fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        view = memoryview(data)
-        sent = await self.sock.sendmsg([view], anc)
-        while sent < len(data):
-            sent += await self.sock.send(view[sent:])
-
-    async def _recv_exact(self, size: int, fds: list[int]) -> bytes | None:
-        buf = bytearray()
-        while len(buf) < size:
-            data, anc, flags, _ = await self.sock.recvmsg(size - len(buf), _FD_SPACE,
-                                                          socket.MSG_CMSG_CLOEXEC)
-            fds.extend(take_fds(anc))
-            if flags & socket.MSG_CTRUNC:
-                raise ValueError("more fds than a message may carry (control data truncated)")
-            if not data:
-                if buf:
-                    raise EOFError(f"connection closed after {len(buf)} of {size} bytes")
-                return None
-            buf += data
-        return bytes(buf)
-
-    async def recv(self) -> RawMessage | None:
-        """Next message, or None at a clean end of stream.  Raises EOFError
-        when the stream ends mid-message and ValueError on a payload size
-        beyond wire.MAX_PAYLOAD (fds received so far are closed)."""
-        fds: list[int] = []
-        try:
-            head = await self._recv_exact(wire.HEADER_SIZE, fds)
-            if head is None:
-                close_fds(fds)
-                return None
-            h = wire.Header.parse(head)
-            if h.size > wire.MAX_PAYLOAD:
-                raise ValueError(f"payload size {h.size} exceeds {wire.MAX_PAYLOAD}")
-            payload = b""
-            if h.size:
-                body = await self._recv_exact(h.size, fds)
-                if body is None:
-                    raise EOFError(f"connection closed before the {h.size}-byte payload")
-                payload = body
-        except BaseException:
-            close_fds(fds)
-            raise
-        return RawMessage(int(h.request), int(h.flags), payload, fds)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def _decode_fields(code: int, payload: bytes, nfds: int, backend: bool = False) -> Any:
     try:
         return wire.decode_payload(code, payload, nfds, backend=backend)
@@ -217,12 +143,13 @@ def build(code: int, payload: bytes | Mapping[str, Any] | None = None) -> bytes:
     return msg[wire.HEADER_SIZE:]
 
 
-class Connection:
+class FrontendChannel:
     """Request/reply on the front-end socket; see the module docstring."""
 
     def __init__(self, sock: trio.socket.SocketType, *, timeout: float = 5.0) -> None:
-        self.channel = Channel(sock)
+        self.stream = MessageStream(sock, strict=False)
         self.timeout = timeout
+        self.protocol_features = 0  # set once negotiated
         self.reply_ack = False   # set once REPLY_ACK is negotiated
         self.trace: list[TraceEntry] = []
         self.closed = False
@@ -231,7 +158,7 @@ class Connection:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.channel.close()
+            self.stream.close()
 
     # ---------------------------------------------------------- sending
 
@@ -239,7 +166,7 @@ class Connection:
                     name: str) -> None:
         data = wire.encode_header(code, flags, len(body)) + body
         try:
-            await self.channel.send(data, fds)
+            await self.stream.send(data, fds)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise BackendDisconnected(name, f"back-end closed the connection ({exc})") from None
         except OSError as exc:
@@ -248,13 +175,13 @@ class Connection:
                                      _decode_fields(code, body, len(fds))))
         log.debug("-> %s flags=%#x size=%d fds=%d", name, flags | wire.VERSION, len(body), len(fds))
 
-    async def _recv(self, name: str) -> RawMessage:
+    async def _recv(self, name: str) -> Message:
         try:
-            msg = await self.channel.recv()
-        except EOFError as exc:
-            raise BackendDisconnected(name, f"back-end closed the connection mid-reply ({exc})") from None
-        except ValueError as exc:
-            raise BadReply(name, str(exc)) from None
+            msg = await self.stream.recv()
+        except Truncated as exc:
+            raise BackendDisconnected(name, f"back-end closed the connection mid-reply ({exc.fault})") from None
+        except wire.WireError as exc:
+            raise BadReply(name, exc.fault) from None
         except (ConnectionResetError, BrokenPipeError) as exc:
             raise BackendDisconnected(name, f"back-end closed the connection ({exc})") from None
         if msg is None:
@@ -269,12 +196,12 @@ class Connection:
         """Send one request and wait for what it brings back.
 
         ``expect_reply`` None means: the request's own reply if it has one
-        (NATURAL_REPLY), else a REPLY_ACK if ``need_reply``, else nothing.
+        (``replies``), else a REPLY_ACK if ``need_reply``, else nothing.
         Returns the validated reply (None when nothing is expected).
         """
         name = wire.request_name(code)
         body = build(code, payload)
-        natural = code in NATURAL_REPLY if expect_reply is None else expect_reply
+        natural = replies(code, self.protocol_features) if expect_reply is None else expect_reply
         flags = wire.FLAG_NEED_REPLY if need_reply else 0
         async with self._lock:
             try:
@@ -291,7 +218,7 @@ class Connection:
             except trio.TooSlowError:
                 raise BackendTimeout(name, f"no reply within {self.timeout}s") from None
 
-    def _validate(self, code: int, name: str, msg: RawMessage, *, ack: bool) -> Reply:
+    def _validate(self, code: int, name: str, msg: Message, *, ack: bool) -> Reply:
         try:
             if msg.flags != REPLY_FLAGS:
                 raise BadReply(name, f"reply flags {msg.flags:#x}, expected {REPLY_FLAGS:#x}")
@@ -323,7 +250,7 @@ class Connection:
         name = wire.request_name(code) if code >= 0 else "raw"
         try:
             with trio.fail_after(self.timeout):
-                await self.channel.send(data, fds)
+                await self.stream.send(data, fds)
         except trio.TooSlowError:
             raise BackendTimeout(name, f"send did not complete within {self.timeout}s") from None
         except (BrokenPipeError, ConnectionResetError) as exc:
@@ -331,15 +258,15 @@ class Connection:
         flags = int.from_bytes(data[4:8], "little") if len(data) >= 8 else 0
         self.trace.append(TraceEntry(name, code, flags, data[wire.HEADER_SIZE:], len(fds), None))
 
-    async def recv_raw(self, timeout: float | None = None) -> RawMessage | None:
+    async def recv_raw(self, timeout: float | None = None) -> Message | None:
         """Receive one message without validation; None at end of stream.
         Raises BackendTimeout when nothing arrives in time."""
         try:
             with trio.fail_after(self.timeout if timeout is None else timeout):
-                return await self.channel.recv()
+                return await self.stream.recv()
         except trio.TooSlowError:
             raise BackendTimeout("raw receive", "nothing arrived in time") from None
-        except EOFError:
+        except Truncated:
             return None
         except (ConnectionResetError, BrokenPipeError):
             return None

@@ -50,13 +50,8 @@ from vuser.frontend.frontend import (
     PROTOCOL_FEATURES_BIT,
     Frontend,
 )
-from vuser.frontend.vring import (
-    LEGACY_ALIGN,
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
-    DriverQueue,
-)
+from vuser.frontend.vring import LEGACY_ALIGN, DriverQueue
+from vuser.virtio import Transport, mask
 from vuser.wire import ProtocolFeature as PF
 
 FeatureWrites = Literal["qemu", "each"]
@@ -65,16 +60,9 @@ Hook = Callable[["Driver"], "Awaitable[None] | None"]
 # Transport features the harness ring implements (Linux keeps these in
 # vring_transport_features when the device offers them).
 DEFAULT_TRANSPORT_FEATURES: tuple[int, ...] = (
-    VIRTIO_F_INDIRECT_DESC, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1)
+    Transport.INDIRECT_DESC, Transport.EVENT_IDX, Transport.VERSION_1)
 # Linux's modern PCI transport aligns the used ring to SMP_CACHE_BYTES.
 MODERN_ALIGN = 64
-
-
-def _mask(features: Iterable[int]) -> int:
-    out = 0
-    for f in features:
-        out |= 1 << f
-    return out
 
 
 async def _run_hook(hook: Hook, drv: Driver) -> None:
@@ -107,10 +95,10 @@ class Driver:
         if feature_writes not in ("qemu", "each"):
             raise ValueError(f"feature_writes must be 'qemu' or 'each', not {feature_writes!r}")
         self.fe = fe
-        self.driver_features = None if features is None else _mask(features)
-        self.declined = _mask(decline)
-        self.forced = _mask(force_features)
-        self.transport_features = _mask(transport_features)
+        self.driver_features = None if features is None else mask(features)
+        self.declined = mask(decline)
+        self.forced = mask(force_features)
+        self.transport_features = mask(transport_features)
         self.validate = validate
         self.setup = setup
         self.feature_writes: FeatureWrites = feature_writes
@@ -194,7 +182,7 @@ class Driver:
 
     async def features_ok(self) -> None:
         """virtio_features_ok: FEATURES_OK (modern only) and read it back."""
-        if not self.has_feature(VIRTIO_F_VERSION_1):
+        if not self.has_feature(Transport.VERSION_1):
             return
         await self.add_status(FEATURES_OK)
         status = await self.get_status()
@@ -239,12 +227,12 @@ class Driver:
         """Allocate rings for the wanted queues, using EVENT_IDX and indirect
         descriptors when accepted (vring_create_virtqueue)."""
         wanted = self.wanted_queues if self.wanted_queues is not None else range(self.fe.num_queues)
-        align = MODERN_ALIGN if self.has_feature(VIRTIO_F_VERSION_1) else LEGACY_ALIGN
+        align = MODERN_ALIGN if self.has_feature(Transport.VERSION_1) else LEGACY_ALIGN
         for i in wanted:
             self.queues[i] = self.fe.new_queue(
                 i, self._size_of(i), align=align,
-                event_idx=self.has_feature(VIRTIO_F_EVENT_IDX),
-                indirect=self.has_feature(VIRTIO_F_INDIRECT_DESC),
+                event_idx=self.has_feature(Transport.EVENT_IDX),
+                indirect=self.has_feature(Transport.INDIRECT_DESC),
                 callbacks=self.callbacks)
         return self.queues
 

@@ -34,30 +34,30 @@ from vuser.frontend.connection import (
     BackendRefused,
     BackendTimeout,
     BadReply,
-    Channel,
-    Connection,
     FeaturesRefused,
+    FrontendChannel,
     FrontendError,
     Reply,
     TraceEntry,
-    close_fds,
 )
-from vuser.frontend.memory import GuestMemory, Region
+from vuser.frontend.memory import GuestRam, RamRegion
 from vuser.frontend.personality import HARNESS_PROTOCOL_FEATURES, Personality, get_personality
 from vuser.frontend.vring import DriverQueue
-from vuser.wire import ProtocolFeature as PF
+from vuser.stream import Message, MessageStream, close_fds
 from vuser.transport import listen_unix, unlink_quietly
+from vuser.virtio import Status, Transport, mask
+from vuser.wire import ProtocolFeature as PF
 from vuser.wire import Request
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_FEATURES_BIT = 1 << wire.VHOST_USER_F_PROTOCOL_FEATURES
+PROTOCOL_FEATURES_BIT = mask(Transport.PROTOCOL_FEATURES)
 
-# Device status bits (virtio 2.1).
-ACKNOWLEDGE = 1
-DRIVER = 2
-DRIVER_OK = 4
-FEATURES_OK = 8
+# Device status bits (virtio 2.1), as the driver model writes them.
+ACKNOWLEDGE = int(Status.ACKNOWLEDGE)
+DRIVER = int(Status.DRIVER)
+DRIVER_OK = int(Status.DRIVER_OK)
+FEATURES_OK = int(Status.FEATURES_OK)
 
 
 class Frontend:
@@ -65,14 +65,14 @@ class Frontend:
 
     def __init__(self, sock: trio.socket.SocketType, nursery: trio.Nursery, *,
                  personality: str | Personality = "qemu-11.1",
-                 memory: GuestMemory,
+                 memory: GuestRam,
                  num_queues: int | None = None,
                  config_size: int | None = None,
                  timeout: float = 5.0,
                  protocol_features: int | None = None,
                  on_backend_message: BackendHandler | None = None) -> None:
         self.personality = get_personality(personality)
-        self.conn = Connection(sock, timeout=timeout)
+        self.conn = FrontendChannel(sock, timeout=timeout)
         self.memory = memory
         self.config_size = config_size
         self._requested_queues = num_queues
@@ -88,7 +88,7 @@ class Frontend:
         self.queue_num: int | None = None
         self.max_mem_slots: int | None = None
         # Regions the back-end holds (for ADD/REM_MEM_REG differences).
-        self._backend_regions: dict[tuple[int, int, int, int], Region] = {}
+        self._backend_regions: dict[tuple[int, int, int, int], RamRegion] = {}
         # What we negotiated / sent.
         self.protocol_features = 0
         self.acked_features: int | None = None       # last SET_FEATURES value
@@ -159,7 +159,7 @@ class Frontend:
     @asynccontextmanager
     async def over_socket(cls, sock: trio.socket.SocketType, *,
                           personality: str | Personality = "qemu-11.1",
-                          memory: GuestMemory | None = None,
+                          memory: GuestRam | None = None,
                           memory_mb: int = 64,
                           regions: int | None = None,
                           separate_fds: bool = False,
@@ -185,7 +185,7 @@ class Frontend:
         pers = get_personality(personality)
         try:
             if memory is None:
-                memory = GuestMemory.create(memory_mb * 1024 * 1024,
+                memory = GuestRam.create(memory_mb * 1024 * 1024,
                                             regions=regions or pers.memory_regions,
                                             separate_fds=separate_fds,
                                             identity=pers.identity_memory,
@@ -301,9 +301,9 @@ class Frontend:
         """Send arbitrary bytes (wrong sizes, unknown requests, bad flags...)."""
         await self.conn.send_raw(data, fds)
 
-    async def recv_raw(self, timeout: float | None = None) -> Any:
-        """The next message from the back-end, unvalidated (RawMessage), or
-        None if it closed the connection."""
+    async def recv_raw(self, timeout: float | None = None) -> Message | None:
+        """The next message from the back-end, unvalidated, or None if it
+        closed the connection."""
         return await self.conn.recv_raw(timeout)
 
     async def expect_disconnect(self, timeout: float = 2.0) -> None:
@@ -355,6 +355,7 @@ class Frontend:
     async def set_protocol_features(self, features: int) -> None:
         await self._call(Request.SET_PROTOCOL_FEATURES, {"u64": features})
         self.protocol_features = features
+        self.conn.protocol_features = features
         self.conn.reply_ack = bool(features & (1 << PF.REPLY_ACK))
 
     async def get_queue_num(self) -> int:
@@ -385,22 +386,22 @@ class Frontend:
             raise
         finally:
             theirs.close()
-        chan = Channel(trio.socket.from_stdlib_socket(ours))
+        chan = MessageStream(trio.socket.from_stdlib_socket(ours), strict=False, backend=True)
         self._nursery.start_soon(self.backend_channel.serve, chan)
 
-    async def set_mem_table(self, regions: Sequence[Region] | None = None, *,
+    async def set_mem_table(self, regions: Sequence[RamRegion] | None = None, *,
                             need_reply: bool | None = None) -> None:
         regs = list(self.memory.regions if regions is None else regions)
         payload = {"nregions": len(regs), "regions": [r.table_entry() for r in regs]}
         await self._call(Request.SET_MEM_TABLE, payload, [r.fd for r in regs], need_reply=need_reply)
         self._backend_regions = {_region_key(r): r for r in regs}
 
-    async def add_mem_reg(self, region: Region, *, need_reply: bool | None = None) -> None:
+    async def add_mem_reg(self, region: RamRegion, *, need_reply: bool | None = None) -> None:
         await self._call(Request.ADD_MEM_REG, {"region": region.table_entry()}, [region.fd],
                          need_reply=need_reply)
         self._backend_regions[_region_key(region)] = region
 
-    async def rem_mem_reg(self, region: Region, *, need_reply: bool | None = None) -> None:
+    async def rem_mem_reg(self, region: RamRegion, *, need_reply: bool | None = None) -> None:
         # QEMU sends no fd and a zero mmap_offset (send_remove_regions).
         entry = dict(region.table_entry(), mmap_offset=0)
         await self._call(Request.REM_MEM_REG, {"region": entry}, need_reply=need_reply)
@@ -653,6 +654,6 @@ __all__ = [
 ]
 
 
-def _region_key(region: Region) -> tuple[int, int, int, int]:
+def _region_key(region: RamRegion) -> tuple[int, int, int, int]:
     e = region.table_entry()
     return (e["guest_phys_addr"], e["memory_size"], e["userspace_addr"], e["mmap_offset"])

@@ -19,7 +19,7 @@ The harness itself maps every memfd so the driver side can write rings and
 buffers.  Nothing here keeps a memoryview on a mapping: reads copy, writes
 assign, so ``close()`` can always unmap.
 
-Resource handling: ``GuestMemory`` owns its fds and mappings; ``close()``
+Resource handling: ``GuestRam`` owns its fds and mappings; ``close()``
 (or leaving its ``with`` block) closes them and sets the fds to -1.
 """
 
@@ -46,12 +46,12 @@ UVA_BASE = 0x7F3A_4000_0000
 UVA_STRIDE = 0x10_0000_0000
 
 
-class GuestMemoryError(Exception):
+class GuestRamError(Exception):
     """An address or range that no region covers (or that crosses a gap)."""
 
 
 @dataclass(frozen=True)
-class RegionSpec:
+class RamRegionSpec:
     """Requested shape of one region; ``mmap_offset`` None picks one."""
 
     gpa: int
@@ -60,7 +60,7 @@ class RegionSpec:
 
 
 @dataclass
-class Region:
+class RamRegion:
     """One guest memory region as the memory table describes it."""
 
     index: int
@@ -90,7 +90,7 @@ def _align_up(value: int, align: int) -> int:
     return (value + align - 1) & ~(align - 1)
 
 
-def default_layout(size: int, regions: int = 2) -> list[RegionSpec]:
+def default_layout(size: int, regions: int = 2) -> list[RamRegionSpec]:
     """QEMU-q35-like region layout for ``size`` bytes of RAM.
 
     One region: [0, size).  Two: [0, 0xa0000) and [0xc0000, size) with
@@ -102,21 +102,21 @@ def default_layout(size: int, regions: int = 2) -> list[RegionSpec]:
     if regions < 1:
         raise ValueError("at least one region")
     if regions == 1:
-        return [RegionSpec(0, size, 0)]
+        return [RamRegionSpec(0, size, 0)]
     if size < Q35_HOLE_END + (regions - 1) * PAGE_SIZE:
         raise ValueError(f"{size} bytes is too small for {regions} regions")
-    specs = [RegionSpec(0, Q35_LOW_END, 0)]
+    specs = [RamRegionSpec(0, Q35_LOW_END, 0)]
     rest = size - Q35_HOLE_END
     if regions == 2:
-        specs.append(RegionSpec(Q35_HOLE_END, rest, Q35_HOLE_END))
+        specs.append(RamRegionSpec(Q35_HOLE_END, rest, Q35_HOLE_END))
         return specs
     chunk = (rest // (regions - 1)) & ~(PAGE_SIZE - 1)
     offset = Q35_HOLE_END
-    specs.append(RegionSpec(Q35_HOLE_END, chunk, offset))
+    specs.append(RamRegionSpec(Q35_HOLE_END, chunk, offset))
     offset += chunk
     for k in range(2, regions):
         length = chunk if k < regions - 1 else size - offset
-        specs.append(RegionSpec(HIGH_REGION_BASE + (k - 2) * HIGH_REGION_STRIDE, length, offset))
+        specs.append(RamRegionSpec(HIGH_REGION_BASE + (k - 2) * HIGH_REGION_STRIDE, length, offset))
         offset += length
     return specs
 
@@ -150,11 +150,11 @@ class _Allocator:
         self.free = merged
 
 
-class GuestMemory:
+class GuestRam:
     """memfd-backed guest RAM split into regions; see the module docstring."""
 
     def __init__(self) -> None:
-        self.regions: list[Region] = []
+        self.regions: list[RamRegion] = []
         self._maps: list[mmap.mmap] = []
         self._fds: list[int] = []
         self._allocators: dict[int, _Allocator] = {}
@@ -167,9 +167,9 @@ class GuestMemory:
     # ---------------------------------------------------------- creation
 
     @classmethod
-    def create(cls, size: int, *, regions: int = 2, layout: Sequence[RegionSpec] | None = None,
+    def create(cls, size: int, *, regions: int = 2, layout: Sequence[RamRegionSpec] | None = None,
                separate_fds: bool = False, identity: bool = False, gpa_base: int = 0,
-               name: str = "vuser-guest-ram") -> GuestMemory:
+               name: str = "vuser-guest-ram") -> GuestRam:
         """Create guest RAM of ``size`` bytes (ignored when ``layout`` is given).
 
         ``separate_fds``: one memfd per region, each with ``index`` leading
@@ -182,7 +182,7 @@ class GuestMemory:
         if layout is not None:
             specs = list(layout)
         else:
-            specs = [RegionSpec(s.gpa + gpa_base, s.size, s.mmap_offset)
+            specs = [RamRegionSpec(s.gpa + gpa_base, s.size, s.mmap_offset)
                      for s in default_layout(size, regions)]
         _check_specs(specs)
         mem = cls()
@@ -198,7 +198,7 @@ class GuestMemory:
             raise
         return mem
 
-    def _add_shared(self, specs: Sequence[RegionSpec], name: str) -> None:
+    def _add_shared(self, specs: Sequence[RamRegionSpec], name: str) -> None:
         offsets = []
         pos = 0
         for spec in specs:
@@ -213,7 +213,7 @@ class GuestMemory:
             uva = spec.gpa if self.identity else UVA_BASE + off
             self._append(spec.gpa, spec.size, uva, off, fd, mm, off)
 
-    def _add_separate(self, spec: RegionSpec, name: str) -> Region:
+    def _add_separate(self, spec: RamRegionSpec, name: str) -> RamRegion:
         index = self._next_region
         pad = spec.mmap_offset if spec.mmap_offset is not None else index * PAGE_SIZE
         file_size = _align_up(pad + spec.size, PAGE_SIZE)
@@ -230,25 +230,25 @@ class GuestMemory:
         return fd
 
     def _append(self, gpa: int, size: int, uva: int, mmap_offset: int, fd: int,
-                mm: mmap.mmap, map_base: int) -> Region:
-        region = Region(self._next_region, gpa, size, uva, mmap_offset, fd, mm, map_base)
+                mm: mmap.mmap, map_base: int) -> RamRegion:
+        region = RamRegion(self._next_region, gpa, size, uva, mmap_offset, fd, mm, map_base)
         self._next_region += 1
         self.regions.append(region)
         self._allocators[region.index] = _Allocator(gpa, gpa + size)
         return region
 
-    def add_region(self, size: int, gpa: int | None = None) -> Region:
+    def add_region(self, size: int, gpa: int | None = None) -> RamRegion:
         """Hot-add a region with its own memfd (for ADD_MEM_REG and for
         DPDK-style growing tables).  By default it goes 4 GiB above the
         highest region, so a gap separates it from the others."""
         if gpa is None:
             top = max((r.gpa_end for r in self.regions), default=0)
             gpa = _align_up(top + 1, HIGH_REGION_STRIDE) if top else 0
-        spec = RegionSpec(gpa, _align_up(size, PAGE_SIZE))
-        _check_specs([*(RegionSpec(r.gpa, r.size, 0) for r in self.regions), spec])
+        spec = RamRegionSpec(gpa, _align_up(size, PAGE_SIZE))
+        _check_specs([*(RamRegionSpec(r.gpa, r.size, 0) for r in self.regions), spec])
         return self._add_separate(spec, "vuser-guest-ram-hot")
 
-    def remove_region(self, index: int) -> Region:
+    def remove_region(self, index: int) -> RamRegion:
         """Forget a region (its allocations too).  Its fd and mapping stay
         open until ``close()``, so a REM_MEM_REG can still name it."""
         region = self.region(index)
@@ -274,7 +274,7 @@ class GuestMemory:
         for r in self.regions:
             r.fd = -1
 
-    def __enter__(self) -> GuestMemory:
+    def __enter__(self) -> GuestRam:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -286,11 +286,11 @@ class GuestMemory:
     def size(self) -> int:
         return sum(r.size for r in self.regions)
 
-    def region(self, index: int) -> Region:
+    def region(self, index: int) -> RamRegion:
         for r in self.regions:
             if r.index == index:
                 return r
-        raise GuestMemoryError(f"no region with index {index}")
+        raise GuestRamError(f"no region with index {index}")
 
     def table(self) -> list[dict[str, int]]:
         """The memory table entries in region order (wire.MemoryRegion dicts)."""
@@ -301,11 +301,11 @@ class GuestMemory:
         regions share a memfd, exactly as QEMU sends them)."""
         return [r.fd for r in self.regions]
 
-    def region_of(self, gpa: int, length: int = 1) -> Region:
+    def region_of(self, gpa: int, length: int = 1) -> RamRegion:
         for r in self.regions:
             if r.gpa <= gpa and gpa + length <= r.gpa_end:
                 return r
-        raise GuestMemoryError(f"guest-physical range {gpa:#x}+{length:#x} is not inside one region")
+        raise GuestRamError(f"guest-physical range {gpa:#x}+{length:#x} is not inside one region")
 
     def gpa_to_uva(self, gpa: int) -> int:
         r = self.region_of(gpa)
@@ -315,11 +315,11 @@ class GuestMemory:
         for r in self.regions:
             if r.uva <= uva < r.uva + r.size:
                 return r.gpa + (uva - r.uva)
-        raise GuestMemoryError(f"front-end virtual address {uva:#x} is not in any region")
+        raise GuestRamError(f"front-end virtual address {uva:#x} is not in any region")
 
     def _locate(self, gpa: int, length: int) -> tuple[mmap.mmap, int]:
         if self.closed:
-            raise GuestMemoryError("guest memory is closed")
+            raise GuestRamError("guest memory is closed")
         r = self.region_of(gpa, max(length, 1))
         return r._map, r._map_base + (gpa - r.gpa)
 
@@ -361,25 +361,25 @@ class GuestMemory:
         for ri in order:
             alloc = self._allocators.get(ri)
             if alloc is None:
-                raise GuestMemoryError(f"no region with index {ri}")
+                raise GuestRamError(f"no region with index {ri}")
             gpa = alloc.alloc(size, align)
             if gpa is not None:
                 self._allocations[gpa] = (ri, size)
                 return gpa
-        raise GuestMemoryError(f"out of guest memory: no region has {size} free bytes")
+        raise GuestRamError(f"out of guest memory: no region has {size} free bytes")
 
     def free(self, gpa: int) -> None:
         try:
             ri, size = self._allocations.pop(gpa)
         except KeyError:
-            raise GuestMemoryError(f"{gpa:#x} was not allocated") from None
+            raise GuestRamError(f"{gpa:#x} was not allocated") from None
         self._allocators[ri].release(gpa, size)
 
     def largest_region(self) -> int:
         return max(self.regions, key=lambda r: r.size).index
 
 
-def _check_specs(specs: Sequence[RegionSpec]) -> None:
+def _check_specs(specs: Sequence[RamRegionSpec]) -> None:
     if not specs:
         raise ValueError("no regions")
     ordered = sorted(specs, key=lambda s: s.gpa)

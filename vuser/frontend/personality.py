@@ -17,25 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
+from vuser.virtio import Transport, mask
 from vuser.wire import ProtocolFeature as PF
 from vuser.wire import Request
 
 
-def bits(*features: int) -> int:
-    out = 0
-    for f in features:
-        out |= 1 << f
-    return out
-
-
 # Protocol features the harness can honour.  Anything else is masked out
 # of SET_PROTOCOL_FEATURES whatever the personality would accept.
-HARNESS_PROTOCOL_FEATURES = bits(
+HARNESS_PROTOCOL_FEATURES = mask(
     PF.MQ, PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIG, PF.BACKEND_SEND_FD,
     PF.RESET_DEVICE, PF.CONFIGURE_MEM_SLOTS, PF.STATUS,
 )
-
-VIRTIO_F_EVENT_IDX = 29
 
 
 @dataclass(frozen=True)
@@ -102,7 +94,7 @@ QEMU_7_2 = Personality(
 
 DPDK = Personality(
     name="dpdk",
-    protocol_features=bits(PF.MQ, PF.REPLY_ACK, PF.STATUS),
+    protocol_features=mask(PF.MQ, PF.REPLY_ACK, PF.STATUS),
     need_reply=frozenset({Request.SET_MEM_TABLE, Request.SET_STATUS}),  # approximate
     owner_first=True,
     query_queue_num=False,
@@ -112,7 +104,7 @@ DPDK = Personality(
     connect_call=False,
     connect_err=False,
     start_call_first=True,
-    strip_features=1 << VIRTIO_F_EVENT_IDX,
+    strip_features=mask(Transport.EVENT_IDX),
     use_mem_slots=False,
     status_style="dpdk",
     enable_all_queues=False,

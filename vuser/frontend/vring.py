@@ -5,7 +5,7 @@ drivers/virtio/virtio_ring.c: chains are built from a LIFO free list of
 descriptors (so a long-running queue hands the device non-contiguous,
 reused chains), the avail index is published after every add, a kick is
 sent only when the device asks for one (VIRTIO_F_EVENT_IDX: ``avail_event``
-in the used ring; otherwise VRING_USED_F_NO_NOTIFY), and ``used_event`` is
+in the used ring; otherwise UsedFlag.NO_NOTIFY), and ``used_event`` is
 kept up to date while callbacks are enabled.
 
 Layout (contiguous, like Linux's ``vring_init``)::
@@ -22,7 +22,7 @@ the index with acquire semantics.
 
 Resource handling: a ``DriverQueue`` owns its kick and call eventfds;
 ``close()`` closes them.  Its ring and buffers live in the caller's
-``GuestMemory``.
+``GuestRam``.
 """
 
 from __future__ import annotations
@@ -35,21 +35,11 @@ from typing import Any, Sequence
 
 import trio
 
-from vuser.frontend.memory import GuestMemory
-
-VIRTIO_F_INDIRECT_DESC = 28
-VIRTIO_F_EVENT_IDX = 29
-VIRTIO_F_VERSION_1 = 32
-
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VRING_DESC_F_INDIRECT = 4
-VRING_AVAIL_F_NO_INTERRUPT = 1
-VRING_USED_F_NO_NOTIFY = 1
-
-DESC_SIZE = 16
-USED_ELEM_SIZE = 8
-MAX_QUEUE_SIZE = 32768
+from vuser.frontend.memory import GuestRam
+from vuser.rings.base import MAX_QUEUE_SIZE
+from vuser.rings.split_ref import DESC_SIZE, USED_ELEM_SIZE
+from vuser.rings.split_ref import need_event as vring_need_event
+from vuser.virtio import AvailFlag, DescFlag, UsedFlag
 # Linux's legacy PCI alignment; modern transports accept smaller ones.
 LEGACY_ALIGN = 4096
 
@@ -64,11 +54,6 @@ class QueueFull(Exception):
 
 class QueueTimeout(Exception):
     """Nothing (or not enough) came back on the used ring in time."""
-
-
-def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
-    """virtio 2.7.10: has the index moved past ``event_idx`` since ``old``?"""
-    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old) & 0xFFFF)
 
 
 def _align_up(value: int, align: int) -> int:
@@ -179,7 +164,7 @@ class DriverQueue:
     turning them on regardless, as QEMU 7.2's vhost-user-rng does).
     """
 
-    def __init__(self, memory: GuestMemory, index: int, num: int, *, align: int = LEGACY_ALIGN,
+    def __init__(self, memory: GuestRam, index: int, num: int, *, align: int = LEGACY_ALIGN,
                  region: int | None = None, event_idx: bool = False, indirect: bool = False,
                  callbacks: bool = True, check_size: bool = True) -> None:
         if check_size and not (1 <= num <= MAX_QUEUE_SIZE and num & (num - 1) == 0):
@@ -201,7 +186,7 @@ class DriverQueue:
         self.avail_idx = 0        # shadow of avail->idx
         self.last_used_idx = 0    # next used entry to read
         self.num_added = 0        # added since the last kick decision
-        self.avail_flags = 0 if callbacks else VRING_AVAIL_F_NO_INTERRUPT
+        self.avail_flags = 0 if callbacks else int(AvailFlag.NO_INTERRUPT)
         self._free: collections.deque[int] = collections.deque(range(num))
         self._in_flight: dict[int, _Chain] = {}
         self.stats = QueueStats()
@@ -329,11 +314,11 @@ class DriverQueue:
             table = self.memory.alloc(DESC_SIZE * len(segments), DESC_SIZE)
             for i, seg in enumerate(segments):
                 last = i == len(segments) - 1
-                flags = (VRING_DESC_F_WRITE if seg.writable else 0) | (0 if last else VRING_DESC_F_NEXT)
+                flags = (DescFlag.WRITE if seg.writable else 0) | (0 if last else DescFlag.NEXT)
                 self.memory.pack("<QIHH", table + DESC_SIZE * i, seg.gpa, seg.length, flags,
                                  0 if last else i + 1)
             head = self._free.popleft()
-            self.write_desc(head, table, DESC_SIZE * len(segments), VRING_DESC_F_INDIRECT)
+            self.write_desc(head, table, DESC_SIZE * len(segments), DescFlag.INDIRECT)
             descs = [head]
         else:
             if len(segments) > len(self._free):
@@ -342,7 +327,7 @@ class DriverQueue:
             descs = [self._free.popleft() for _ in segments]
             for i, seg in enumerate(segments):
                 last = i == len(segments) - 1
-                flags = (VRING_DESC_F_WRITE if seg.writable else 0) | (0 if last else VRING_DESC_F_NEXT)
+                flags = (DescFlag.WRITE if seg.writable else 0) | (0 if last else DescFlag.NEXT)
                 self.write_desc(descs[i], seg.gpa, seg.length, flags, 0 if last else descs[i + 1])
             head = descs[0]
         self._in_flight[head] = _Chain(head, descs, segments, table, owned, token)
@@ -359,7 +344,7 @@ class DriverQueue:
         self.num_added = 0
         if self.event_idx:
             return vring_need_event(self.read_avail_event(), new, old)
-        return not self.read_used_flags() & VRING_USED_F_NO_NOTIFY
+        return not self.read_used_flags() & UsedFlag.NO_NOTIFY
 
     def notify(self) -> None:
         """Signal the kick eventfd unconditionally."""
@@ -376,8 +361,8 @@ class DriverQueue:
 
     def disable_callbacks(self) -> None:
         """Linux virtqueue_disable_cb_split."""
-        if not self.avail_flags & VRING_AVAIL_F_NO_INTERRUPT:
-            self.avail_flags |= VRING_AVAIL_F_NO_INTERRUPT
+        if not self.avail_flags & AvailFlag.NO_INTERRUPT:
+            self.avail_flags |= int(AvailFlag.NO_INTERRUPT)
             if self.event_idx:
                 # Linux writes 0 here too ("a hack"): far from last_used in
                 # most states, so the device rarely signals.
@@ -388,8 +373,8 @@ class DriverQueue:
     def enable_callbacks(self) -> bool:
         """Linux virtqueue_enable_cb: re-enable and return True when nothing
         is pending (False: used entries arrived meanwhile, poll again)."""
-        if self.avail_flags & VRING_AVAIL_F_NO_INTERRUPT:
-            self.avail_flags &= ~VRING_AVAIL_F_NO_INTERRUPT
+        if self.avail_flags & AvailFlag.NO_INTERRUPT:
+            self.avail_flags &= ~int(AvailFlag.NO_INTERRUPT)
             if not self.event_idx:
                 self._write_avail_flags()
         self._write_used_event(self.last_used_idx)
@@ -442,7 +427,7 @@ class DriverQueue:
             out.append(UsedElem(head, length, self._read_written(chain, length), chain.token))
             self._detach(chain)
             self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
-        if out and not self.avail_flags & VRING_AVAIL_F_NO_INTERRUPT and self.event_idx:
+        if out and not self.avail_flags & AvailFlag.NO_INTERRUPT and self.event_idx:
             self._write_used_event(self.last_used_idx)
         self.stats.completed += len(out)
         return out
@@ -504,7 +489,5 @@ class DriverQueue:
 
 __all__ = [
     "DESC_SIZE", "DriverQueue", "QueueFull", "QueueStats", "QueueTimeout", "Segment",
-    "SplitLayout", "UsedElem", "UsedRingError", "VRING_AVAIL_F_NO_INTERRUPT",
-    "VRING_DESC_F_INDIRECT", "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE",
-    "VRING_USED_F_NO_NOTIFY", "vring_need_event",
+    "SplitLayout", "UsedElem", "UsedRingError", "vring_need_event",
 ]
