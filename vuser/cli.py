@@ -1,4 +1,9 @@
-"""Command line: ``vuser run | devices | qemu-args | ctl``."""
+"""Command line: ``vuser run | devices | qemu-args | ctl | provision``.
+
+Every user error (an unknown device or option, a path that cannot be used,
+a bad control command) is one line on stderr naming the thing and the
+problem, and exit status 2; never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,114 +13,126 @@ import logging
 import shlex
 import signal
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import trio
 
 from . import registry
-from .device import Device, DeviceError
+from .device import DeviceError
+from .errors import UsageError
+from .plugin import DevicePlugin, qemu_escape
 
 log = logging.getLogger("vuser")
 
+USAGE_ERROR = 2
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class UserError(UsageError):
+    """Something the user asked for that cannot be done (exit status 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage dump) and status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: {message}\n")
+
+
+def _logging_parent() -> Parser:
+    parent = Parser(add_help=False)
+    # SUPPRESS: a subcommand's absent option must not reset the global one.
+    parent.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                        help="log level (DEBUG decodes every vhost-user message)")
+    return parent
+
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()),
+    logging.basicConfig(level=getattr(logging, level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def _device_parser(prog: str, cls: type[Device], with_socket: bool = True,
-                   multi_socket: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=cls.description or cls.name)
-    if multi_socket:
-        p.add_argument("--socket", required=True, metavar="PATH", action="append",
-                       help="vhost-user unix socket (repeatable for multi-port devices: "
-                            "one port per socket)")
-    elif with_socket:
-        p.add_argument("--socket", required=True, metavar="PATH", help="vhost-user unix socket")
-    cls.add_arguments(p)
-    return p
-
-
-def _devices_for_sockets(cls: type[Device], args: argparse.Namespace) -> list[Device]:
-    """One device per socket.  A device class with ``from_args_sockets``
-    (net: ports of one switch) makes them all; others serve one socket."""
-    sockets = args.socket
-    make = getattr(cls, "from_args_sockets", None)
-    if make is not None:
-        return list(make(args, sockets))
-    if len(sockets) > 1:
-        raise DeviceError(f"{cls.name} serves one socket; --socket given {len(sockets)} times")
-    args.socket = sockets[0]
-    return [cls.from_args(args)]
 
 
 # ------------------------------------------------------------------ run
 
-async def _run(devices: list[Device], sockets: list[str], args: argparse.Namespace) -> None:
+def _add_run(sub: Any, parent: Parser, plugins: dict[str, DevicePlugin[Any]]) -> None:
+    run = sub.add_parser("run", parents=[parent], help="serve a device on vhost-user sockets",
+                         description="Serve DEVICE on vhost-user sockets.")
+    devices = run.add_subparsers(dest="device", metavar="DEVICE", required=True, parser_class=Parser)
+    for name, plugin in plugins.items():
+        p = devices.add_parser(name, parents=[parent], help=plugin.description, description=plugin.description)
+        p.add_argument("--socket", required=True, metavar="PATH", action="append",
+                       help="vhost-user unix socket (repeatable for multi-port devices: one port per socket)")
+        p.add_argument("--client", action="store_true", help="connect to a front-end listening on --socket")
+        p.add_argument("--control", metavar="PATH", help="open a control socket at PATH (vuser ctl)")
+        p.add_argument("--ring", choices=("native", "python"), default="native",
+                       help="ring implementation: the C hot path or the pure-Python reference")
+        plugin.add_arguments(p)
+        p.set_defaults(func=cmd_run, plugin=plugin)
+
+
+async def _serve(plugin: DevicePlugin[Any], devices: list[Any], args: argparse.Namespace) -> None:
     from .runner import Runner, RunnerGroup
 
-    runners = [Runner(dev, path, client=args.client, ring_impl=args.ring) for dev, path in zip(devices, sockets)]
-    tasks = getattr(devices[0], "background_tasks", None)
-    group = RunnerGroup(runners, control_path=args.control, background=tasks() if tasks else [])
+    runners = [Runner(dev, path, client=args.client, ring_impl=args.ring, plugin=plugin)
+               for dev, path in zip(devices, args.socket)]
+    group = RunnerGroup(runners, control_path=args.control, background=plugin.background(devices), plugin=plugin)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(group.run)
+            try:
+                await nursery.start(group.run)
+            except OSError as exc:
+                raise UserError(exc.strerror or str(exc)) from None
             async for signum in signals:
                 log.info("signal %s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
 
 
-def cmd_run(argv: Sequence[str]) -> int:
-    if not argv or argv[0].startswith("-"):
-        print("usage: vuser run DEVICE --socket PATH [--socket PATH...] [--client] [--control PATH] "
-              "[device options]",
-              file=sys.stderr)
-        return 2
-    name, rest = argv[0], list(argv[1:])
+def cmd_run(args: argparse.Namespace) -> int:
+    plugin: DevicePlugin[Any] = args.plugin
+    devices = _create(plugin, args, args.socket)
     try:
-        cls = registry.load(name)
-    except KeyError as exc:
-        print(f"vuser: {exc.args[0]}", file=sys.stderr)
-        return 2
-    p = _device_parser(f"vuser run {name}", cls, multi_socket=True)
-    p.add_argument("--client", action="store_true", help="connect to a front-end listening on --socket")
-    p.add_argument("--control", metavar="PATH", help="open a control socket at PATH (vuser ctl)")
-    p.add_argument("--ring", choices=("native", "python"), default="native",
-                   help="ring implementation: the C hot path or the pure-Python reference")
-    args = p.parse_args(rest)
-    sockets = list(args.socket)
-    try:
-        devices = _devices_for_sockets(cls, args)
-    except (DeviceError, OSError) as exc:
-        print(f"vuser: {exc}", file=sys.stderr)
-        return 2
-    trio.run(_run, devices, sockets, args)
+        trio.run(_serve, plugin, devices, args)
+    finally:
+        plugin.close(devices)
     return 0
+
+
+def _create(plugin: DevicePlugin[Any], args: argparse.Namespace, sockets: Sequence[str]) -> list[Any]:
+    try:
+        return plugin.create(args, sockets)
+    except DeviceError as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        what = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        raise UserError(f"{plugin.name}: {what}") from None
 
 
 # ------------------------------------------------------------------ devices
 
-def describe(cls: type[Device]) -> dict[str, Any]:
-    dev = cls()
-    layout = dev.queue_layout(None)
-    return {
-        "name": cls.name,
-        "virtio_id": cls.virtio_id,
-        "description": cls.description,
-        "features": [{"bit": f.bit, "name": f.name, "queues": list(f.queues)} for f in cls.features],
-        "transport_features": [f.name for f in cls.transport_features],
-        "queues": layout.as_list(),
-        "config": [{"name": c.name, "offset": c.offset, "size": c.size, "feature": c.feature,
-                    "writable": c.writable} for c in dev.existing_fields()],
-    }
+def describe(plugin: DevicePlugin[Any]) -> dict[str, Any]:
+    parser = Parser()
+    plugin.add_arguments(parser)
+    devices = plugin.create(parser.parse_args([]), ["-"])
+    try:
+        dev = devices[0]
+        return {
+            "name": plugin.name,
+            "virtio_id": dev.virtio_id,
+            "description": plugin.description,
+            "features": [{"bit": f.bit, "name": f.name, "queues": list(f.queues)} for f in dev.features],
+            "transport_features": [f.name for f in dev.transport_features],
+            "queues": dev.queue_layout(None).as_list(),
+            "config": [{"name": c.name, "offset": c.offset, "size": c.size, "feature": c.feature,
+                        "writable": c.writable} for c in dev.existing_fields()],
+            "commands": [c.describe() for c in plugin.commands],
+        }
+    finally:
+        plugin.close(devices)
 
 
-def cmd_devices(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="vuser devices")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    infos = [describe(cls) for cls in registry.load_all().values()]
+def cmd_devices(args: argparse.Namespace) -> int:
+    infos = [describe(p) for p in registry.load_all().values()]
     if args.json:
         print(json.dumps(infos, indent=2))
         return 0
@@ -136,100 +153,123 @@ def cmd_devices(argv: Sequence[str]) -> int:
                 rw = "rw" if c["writable"] else "ro"
                 dep = f" (with {c['feature']})" if c["feature"] else ""
                 print(f"    {c['offset']:3d} +{c['size']} {c['name']} {rw}{dep}")
+        if info["commands"]:
+            print("  control commands (vuser ctl PATH ...):")
+            for c in info["commands"]:
+                print(f"    {c['usage']:<20} {c['help']}")
     return 0
 
 
 # ------------------------------------------------------------------ qemu-args
 
-def qemu_args(device: Device, socket_path: str, *, qemu_version: str = "11", memory: str | None = "512M",
-              chardev_id: str = "vu0", reconnect: int | None = None) -> list[str]:
+def qemu_args(plugin: DevicePlugin[Any], device: Any, socket_path: str, *, qemu_version: str = "11",
+              memory: str | None = "512M", chardev_id: str = "vu0", reconnect: int | None = None) -> list[str]:
     """QEMU arguments attaching ``device``; ``memory=None`` leaves out the
     shared memory backend (when the caller already gives one: a vhost-user
-    back-end needs the guest RAM shared, e.g. memory-backend-memfd,share=on)."""
-    chardev = f"socket,id={chardev_id},path={socket_path}"
+    back-end needs the guest RAM shared, e.g. memory-backend-memfd,share=on).
+    ``reconnect``: seconds; QEMU 10.2 and later take ``reconnect-ms``."""
+    chardev = f"socket,id={chardev_id},path={qemu_escape(socket_path)}"
     if reconnect is not None:
-        chardev += f",reconnect={reconnect}"
+        major = int(qemu_version.split(".")[0])
+        chardev += f",reconnect={reconnect}" if major < 10 else f",reconnect-ms={reconnect * 1000}"
     mem_args = [] if memory is None else [
         "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
         "-machine", "q35,memory-backend=mem",
         "-m", memory,
     ]
-    return [
-        *mem_args,
-        "-chardev", chardev,
-        # A netdev-style device (net) needs its -netdev before the -device.
-        *getattr(device, "qemu_extra_args", lambda c, v: [])(chardev_id, qemu_version),
-        "-device", device.qemu_device_args(chardev_id, qemu_version),
-    ]
+    return [*mem_args, "-chardev", chardev, *plugin.qemu_args(device, chardev_id, qemu_version)]
 
 
-def cmd_qemu_args(argv: Sequence[str]) -> int:
-    if not argv or argv[0].startswith("-"):
-        print("usage: vuser qemu-args DEVICE --socket PATH [--qemu-version 7.2|11] [--memory 512M]",
-              file=sys.stderr)
-        return 2
-    name, rest = argv[0], list(argv[1:])
-    cls = registry.load(name)
-    p = _device_parser(f"vuser qemu-args {name}", cls)
-    p.add_argument("--qemu-version", default="11", help="QEMU major.minor to target (7.2 or 11)")
-    p.add_argument("--memory", default="512M", help="guest RAM (shared memfd backend)")
-    p.add_argument("--chardev-id", default="vu0")
-    p.add_argument("--no-memory", action="store_true",
-                   help="leave out the shared memory backend (the caller gives one, once per guest)")
-    args = p.parse_args(rest)
-    if isinstance(args.socket, list):  # run-style repeatable --socket
-        args.socket = args.socket[0]
-    device = cls.from_args(args)
-    print(shlex.join(qemu_args(device, args.socket, qemu_version=args.qemu_version,
-                               memory=None if args.no_memory else args.memory, chardev_id=args.chardev_id)))
+def _add_qemu_args(sub: Any, parent: Parser, plugins: dict[str, DevicePlugin[Any]]) -> None:
+    qa = sub.add_parser("qemu-args", parents=[parent], help="QEMU arguments that attach a device",
+                        description="Print the QEMU arguments that attach DEVICE served on --socket.")
+    devices = qa.add_subparsers(dest="device", metavar="DEVICE", required=True, parser_class=Parser)
+    for name, plugin in plugins.items():
+        p = devices.add_parser(name, parents=[parent], help=plugin.description)
+        p.add_argument("--socket", required=True, metavar="PATH", help="the device's vhost-user socket")
+        p.add_argument("--qemu-version", default="11", help="QEMU major.minor to target (7.2 or 11)")
+        p.add_argument("--memory", default="512M", help="guest RAM (shared memfd backend)")
+        p.add_argument("--chardev-id", default="vu0")
+        p.add_argument("--reconnect", type=int, metavar="SECONDS",
+                       help="QEMU reconnects to a restarted back-end (reconnect= / reconnect-ms=)")
+        p.add_argument("--no-memory", action="store_true",
+                       help="leave out the shared memory backend (the caller gives one, once per guest)")
+        plugin.add_arguments(p)
+        p.set_defaults(func=cmd_qemu_args, plugin=plugin)
+
+
+def cmd_qemu_args(args: argparse.Namespace) -> int:
+    plugin: DevicePlugin[Any] = args.plugin
+    devices = _create(plugin, args, [args.socket])
+    try:
+        print(shlex.join(qemu_args(plugin, devices[0], args.socket, qemu_version=args.qemu_version,
+                                   memory=None if args.no_memory else args.memory,
+                                   chardev_id=args.chardev_id, reconnect=args.reconnect)))
+    finally:
+        plugin.close(devices)
     return 0
 
 
 # ------------------------------------------------------------------ ctl
 
-def cmd_ctl(argv: Sequence[str]) -> int:
-    from .control import call
+def cmd_ctl(args: argparse.Namespace) -> int:
+    from .control import ControlError, call
 
-    p = argparse.ArgumentParser(prog="vuser ctl")
-    p.add_argument("path", help="control socket of a running 'vuser run ... --control PATH'")
-    p.add_argument("command")
-    p.add_argument("args", nargs="*")
-    args = p.parse_args(argv)
     try:
         result = trio.run(call, args.path, args.command, args.args)
-    except (OSError, RuntimeError, trio.TooSlowError) as exc:
+    except ControlError as exc:
         print(f"vuser ctl: {exc}", file=sys.stderr)
+        return USAGE_ERROR if exc.usage else 1
+    except OSError as exc:
+        raise UserError(f"{args.path}: {exc.strerror or exc}") from None
+    except trio.TooSlowError:
+        print(f"vuser ctl: {args.path}: no answer in time", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))
     return 0
 
 
-COMMANDS = {"run": cmd_run, "devices": cmd_devices, "qemu-args": cmd_qemu_args, "ctl": cmd_ctl}
+# ------------------------------------------------------------------ provision
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from .testing.provision import main as provision_main
+
+    return int(provision_main(args.provision_args))
+
+
+# ------------------------------------------------------------------ main
+
+def build_parser() -> Parser:
+    parent = _logging_parent()
+    parser = Parser(prog="vuser", parents=[parent],
+                    description="virtio devices served from Python over vhost-user sockets")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
+    plugins = registry.load_all()
+    _add_run(sub, parent, plugins)
+    dev = sub.add_parser("devices", parents=[parent], help="devices, their features, queue layouts, commands")
+    dev.add_argument("--json", action="store_true")
+    dev.set_defaults(func=cmd_devices)
+    _add_qemu_args(sub, parent, plugins)
+    ctl = sub.add_parser("ctl", parents=[parent], help="talk to a running device's control socket")
+    ctl.add_argument("path", help="control socket of a running 'vuser run ... --control PATH'")
+    ctl.add_argument("command", help="status, commands, or a device command (see vuser devices)")
+    ctl.add_argument("args", nargs="*")
+    ctl.set_defaults(func=cmd_ctl)
+    prov = sub.add_parser("provision", parents=[parent], add_help=False,
+                          help="install and cache what real-guest tests need (QEMU, kernels, initramfs)")
+    prov.add_argument("provision_args", nargs=argparse.REMAINDER)
+    prov.set_defaults(func=cmd_provision)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    level = "INFO"
-    # --log-level is global and may stand anywhere.
-    for i, a in enumerate(argv):
-        if a == "--log-level" and i + 1 < len(argv):
-            level = argv[i + 1]
-            del argv[i:i + 2]
-            break
-        if a.startswith("--log-level="):
-            level = a.split("=", 1)[1]
-            del argv[i]
-            break
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: vuser [--log-level LEVEL] {run,devices,qemu-args,ctl} ...\n\n"
-              "  run DEVICE --socket PATH [--client] [--control PATH] [options]  serve a device\n"
-              "  devices [--json]                       list devices, features, queue layouts\n"
-              "  qemu-args DEVICE --socket PATH         QEMU arguments that attach a device\n"
-              "  ctl PATH COMMAND [ARGS]                talk to a running device's control socket",
-              file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    _setup_logging(level)
-    return COMMANDS[argv[0]](argv[1:])
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    _setup_logging(getattr(args, "log_level", "INFO"))
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        print(f"vuser {args.command}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover
