@@ -1,27 +1,46 @@
-"""Test machinery for vuser: real Linux guests under QEMU (see guest.py).
+"""Test machinery for vuser: real Linux guests under QEMU (see guest.py) and
+the provisioning cache they come from (manifest.py).
 
 Importing this package needs neither QEMU nor a provisioned cache; booting a
-guest does (run scripts/provision).
+guest does (run scripts/provision).  The names below are loaded on first
+use: provisioning imports this package before vuser's dependencies (trio)
+are installed, so importing it must not pull them in.
 """
 
-from vuser.testing.guest import (
-    CommandResult,
-    Guest,
-    GuestCommandError,
-    GuestError,
-    GuestExited,
-    GuestTimeout,
-    NotProvisionedError,
-    boot_guest,
-    cache_dir,
-    kernel_info,
-    manifest,
-    manifest_path,
-    provisioned,
-    qemu_command,
-    qemu_info,
-    qemu_rss,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vuser.testing.guest import (
+        CommandResult,
+        Guest,
+        GuestCommandError,
+        GuestError,
+        GuestExited,
+        GuestTimeout,
+        NotProvisionedError,
+        boot_guest,
+        cache_dir,
+        kernel_info,
+        manifest,
+        manifest_path,
+        provisioned,
+        qemu_command,
+        qemu_info,
+        qemu_rss,
+    )
+
+# name -> the module that defines it
+_LAZY = {
+    **dict.fromkeys(("CommandResult", "Guest", "boot_guest"), "vuser.testing.guest"),
+    **dict.fromkeys(("GuestCommandError", "GuestError", "GuestExited", "GuestTimeout",
+                     "NotProvisionedError"), "vuser.testing.errors"),
+    **dict.fromkeys(("cache_dir", "kernel_info", "manifest", "manifest_path", "provisioned",
+                     "qemu_info"), "vuser.testing.manifest"),
+    **dict.fromkeys(("qemu_command", "qemu_rss"), "vuser.testing.qemu"),
+}
 
 __all__ = [
     "CommandResult",
@@ -41,3 +60,11 @@ __all__ = [
     "qemu_info",
     "qemu_rss",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: import the defining module on first access of one of its names.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
