@@ -43,6 +43,7 @@ import trio
 from vuser.netswitch import NetSwitch
 from vuser.runner import Runner, RunnerGroup
 from vuser.testing.guest import Guest, boot_guest
+from vuser.testing.poll import wait_until
 
 try:
     from vuser.devices.net import NetDevice
@@ -263,9 +264,8 @@ async def host_ping(addr: str, *, count: int = 3, timeout: float = 2.0, device: 
 async def host_ping_until(addr: str, *, deadline: float, device: str | None = None) -> float:
     """Ping once a second until a reply comes; seconds it took."""
     t0 = time.monotonic()
-    with trio.fail_after(deadline):
-        while not await host_ping(addr, count=1, timeout=1.0, device=device):
-            pass
+    await wait_until(lambda: host_ping(addr, count=1, timeout=1.0, device=device), deadline,
+                     f"an echo reply from {addr}", interval=0)
     return time.monotonic() - t0
 
 

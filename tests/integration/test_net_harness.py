@@ -469,7 +469,7 @@ async def test_stop_restart_and_disconnect(tmp_path: Path) -> None:
                     await b.recv(1)
                     bases = await fb.stop()
                     assert bases == {0: 1, 1: 0}
-                await wait_until(lambda: not port_stats(switch, 1)["connected"], what="port 1 gone")
+                await wait_until(lambda: not port_stats(switch, 1)["connected"], 5, "port 1 gone")
                 a.send(eth(BCAST, MAC_A, bytes(100)))
                 await a.wait_sent(2)
                 # A port whose front-end is gone is like a link that is down:

@@ -1,5 +1,5 @@
-"""Test machinery for vuser: real Linux guests under QEMU (see guest.py) and
-the provisioning cache they come from (manifest.py).
+"""Test machinery for vuser: real Linux guests under QEMU (see guest.py), the
+provisioning cache they come from (manifest.py) and one poller (poll.py).
 
 Importing this package needs neither QEMU nor a provisioned cache; booting a
 guest does (run scripts/provision).  The names below are loaded on first
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         qemu_info,
         qemu_rss,
     )
+    from vuser.testing.poll import PollTimeout, wait_until
 
 # name -> the module that defines it
 _LAZY = {
@@ -40,6 +41,7 @@ _LAZY = {
     **dict.fromkeys(("cache_dir", "kernel_info", "manifest", "manifest_path", "provisioned",
                      "qemu_info"), "vuser.testing.manifest"),
     **dict.fromkeys(("qemu_command", "qemu_rss"), "vuser.testing.qemu"),
+    **dict.fromkeys(("PollTimeout", "wait_until"), "vuser.testing.poll"),
 }
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "GuestExited",
     "GuestTimeout",
     "NotProvisionedError",
+    "PollTimeout",
     "boot_guest",
     "cache_dir",
     "kernel_info",
@@ -59,6 +62,7 @@ __all__ = [
     "qemu_command",
     "qemu_info",
     "qemu_rss",
+    "wait_until",
 ]
 
 
