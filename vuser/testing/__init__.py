@@ -1,5 +1,6 @@
-"""Test machinery for vuser: real Linux guests under QEMU (see guest.py), the
-provisioning cache they come from (manifest.py) and one poller (poll.py).
+"""Test machinery for vuser: real Linux guests under QEMU (see guest.py),
+``vuser run`` as a child process (process.py), one poller (poll.py) and the
+provisioning cache (manifest.py).
 
 Importing this package needs neither QEMU nor a provisioned cache; booting a
 guest does (run scripts/provision).  The names below are loaded on first
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
         qemu_rss,
     )
     from vuser.testing.poll import PollTimeout, wait_until
+    from vuser.testing.process import VuserProcess, VuserProcessError
 
 # name -> the module that defines it
 _LAZY = {
@@ -42,6 +44,7 @@ _LAZY = {
                      "qemu_info"), "vuser.testing.manifest"),
     **dict.fromkeys(("qemu_command", "qemu_rss"), "vuser.testing.qemu"),
     **dict.fromkeys(("PollTimeout", "wait_until"), "vuser.testing.poll"),
+    **dict.fromkeys(("VuserProcess", "VuserProcessError"), "vuser.testing.process"),
 }
 
 __all__ = [
@@ -53,6 +56,8 @@ __all__ = [
     "GuestTimeout",
     "NotProvisionedError",
     "PollTimeout",
+    "VuserProcess",
+    "VuserProcessError",
     "boot_guest",
     "cache_dir",
     "kernel_info",
