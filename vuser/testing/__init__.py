@@ -1,6 +1,6 @@
 """Test machinery for vuser: real Linux guests under QEMU (see guest.py),
-``vuser run`` as a child process (process.py), one poller (poll.py) and the
-provisioning cache (manifest.py).
+``vuser run`` as a child process (process.py), one poller (poll.py), the
+provisioning cache (manifest.py) and provisioning itself (provision/).
 
 Importing this package needs neither QEMU nor a provisioned cache; booting a
 guest does (run scripts/provision).  The names below are loaded on first
