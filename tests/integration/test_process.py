@@ -23,6 +23,7 @@ import trio
 
 from conftest import check_rng_data, submit_mixed
 from vuser.frontend import Driver, Frontend
+from vuser.testing.child import gone
 from vuser.testing.process import START_TIMEOUT, VuserProcess, VuserProcessError, vuser_command
 
 SCRIPT = Path(sys.executable).parent / "vuser"
@@ -202,14 +203,6 @@ async def test_run_unknown_device_fails_cleanly() -> None:
 
 
 # ------------------------------------------------------------------ the VuserProcess helper itself
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
 
 # A stand-in for `vuser run` that creates its --socket file and sleeps; the
 # default SIGTERM action ends it with -15, which is not a clean exit.

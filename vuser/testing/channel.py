@@ -30,6 +30,7 @@ import trio
 
 from vuser.testing.errors import (GuestCommandError, GuestError, GuestExited, GuestTimeout,
                                   diagnosed, tail)
+from vuser.testing.manifest import HOW_TO_PROVISION
 
 __all__ = ["PROTOCOL", "CommandChannel", "CommandResult"]
 
@@ -109,7 +110,7 @@ class CommandChannel:
                 _, proto, release = line.decode(errors="replace").split(" ", 2)
                 if proto != PROTOCOL:
                     raise self._error(GuestError, f"guest command server speaks protocol "
-                                      f"{proto}, expected {PROTOCOL}: run scripts/provision")
+                                      f"{proto}, expected {PROTOCOL}: {HOW_TO_PROVISION}")
                 return release
 
     async def run(self, command: str, *, timeout: float, input: bytes,

@@ -17,7 +17,7 @@ from typing import Awaitable, Callable, Sequence, TypeVar
 
 import trio
 
-__all__ = ["read_text", "stop_group", "until_exit"]
+__all__ = ["gone", "read_text", "stop_group", "until_exit"]
 
 _T = TypeVar("_T")
 
@@ -83,6 +83,16 @@ async def stop_group(proc: trio.Process,
             await proc.wait()
     rc: int | None = proc.returncode
     return rc
+
+
+def gone(pid: int) -> bool:
+    """True once no process has ``pid`` (what tests check after a stop;
+    a zombie not yet reaped still counts as there)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def read_text(path: Path) -> str:

@@ -45,8 +45,8 @@ from vuser.testing.child import read_text, stop_group, until_exit
 from vuser.testing.errors import (GuestCommandError, GuestError, GuestExited, GuestTimeout,
                                   NotProvisionedError, diagnosed, is_diagnosed, mark_diagnosed,
                                   tail)
-from vuser.testing.manifest import (cache_dir, kernel_info, manifest, manifest_path,
-                                    provisioned, qemu_info)
+from vuser.testing.manifest import (HOW_TO_PROVISION, cache_dir, kernel_info, manifest,
+                                    manifest_path, provisioned, qemu_info)
 from vuser.testing.qemu import qemu_command, qemu_rss
 from vuser.testing.qmp import QmpClient
 
@@ -271,7 +271,7 @@ async def boot_guest(qemu: str = "11", kernel: str = "sid", *, memory_mb: int = 
             guest.boot_seconds = time.monotonic() - t0
             if release != guest.kernel_version:
                 raise guest._error(GuestError, f"guest runs kernel {release}, manifest says "
-                                   f"{guest.kernel_version}: run scripts/provision")
+                                   f"{guest.kernel_version}: {HOW_TO_PROVISION}")
             yield guest
         except BaseException:
             graceful = False
