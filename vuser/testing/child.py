@@ -17,14 +17,17 @@ from typing import Awaitable, Callable, Sequence, TypeVar
 
 import trio
 
-__all__ = ["gone", "read_text", "stop_group", "until_exit"]
+__all__ = ["KILL_WAIT", "TERM_THEN_KILL", "TERM_WAIT", "gone", "read_text", "stop_group",
+           "until_exit"]
 
 _T = TypeVar("_T")
 
 # SIGTERM first (what Ctrl-C or systemd would do: a clean exit is part of
 # what we test), SIGKILL if that is not honoured in time.
+TERM_WAIT = 10.0   # seconds to exit after SIGTERM
+KILL_WAIT = 5.0    # seconds to be reaped after SIGKILL
 TERM_THEN_KILL: Sequence[tuple[signal.Signals, float]] = (
-    (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
+    (signal.SIGTERM, TERM_WAIT), (signal.SIGKILL, KILL_WAIT))
 
 
 async def until_exit(proc: trio.Process, fn: Callable[[], Awaitable[_T]],

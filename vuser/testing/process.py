@@ -44,7 +44,7 @@ from typing import Any, Collection, Mapping, Sequence
 import trio
 
 from vuser.control import call as control_call
-from vuser.testing.child import TERM_THEN_KILL, read_text, stop_group, until_exit
+from vuser.testing.child import KILL_WAIT, TERM_WAIT, read_text, stop_group, until_exit
 from vuser.testing.errors import tail
 from vuser.testing.poll import PollTimeout, wait_until
 
@@ -97,7 +97,7 @@ class VuserProcess:
                  log_path: StrPath | None = None, command: Sequence[str] | None = None,
                  env: Mapping[str, str] | None = None, cwd: StrPath | None = None,
                  cpus: Collection[int] | None = None, start_timeout: float = START_TIMEOUT,
-                 stop_timeout: float = TERM_THEN_KILL[0][1]) -> None:
+                 stop_timeout: float = TERM_WAIT) -> None:
         self.device = device
         if isinstance(sockets, (str, os.PathLike)):
             sockets = [sockets]
@@ -116,13 +116,12 @@ class VuserProcess:
         self.argv = [*(command if command is not None else vuser_command()), *global_args,
                      *self.run_args]
         self._own_dir = log_path is None
-        self.log_path = (Path(tempfile.mkdtemp(prefix=f"vuser-run-{device}-")) / "vuser.log"
-                         if log_path is None else Path(log_path))
+        self._log_path = None if log_path is None else Path(log_path)
         self._env = dict(env) if env is not None else None
         self._cwd = cwd
         self._cpus = set(cpus) if cpus is not None else None
         self._start_timeout = start_timeout
-        self._stop_steps = ((signal.SIGTERM, stop_timeout), TERM_THEN_KILL[1])
+        self._stop_steps = ((signal.SIGTERM, stop_timeout), (signal.SIGKILL, KILL_WAIT))
         self._proc: trio.Process | None = None
         self._stopped_by_caller = False
 
@@ -141,6 +140,13 @@ class VuserProcess:
     def returncode(self) -> int | None:
         """The exit status once it exited (negative: killed by that signal)."""
         return None if self._proc is None else self._proc.poll()
+
+    @property
+    def log_path(self) -> Path:
+        """The log file (in a temporary folder made on first use, if none was given)."""
+        if self._log_path is None:
+            self._log_path = Path(tempfile.mkdtemp(prefix=f"vuser-run-{self.device}-")) / "vuser.log"
+        return self._log_path
 
     @property
     def log_dir(self) -> Path:
@@ -220,7 +226,7 @@ class VuserProcess:
     async def kill(self) -> int:
         """SIGKILL at once (a crash, as far as the front-end can tell)."""
         self._stopped_by_caller = True
-        return await self._stop(((signal.SIGKILL, TERM_THEN_KILL[1][1]),))
+        return await self._stop(((signal.SIGKILL, KILL_WAIT),))
 
     async def _stop(self, steps: Sequence[tuple[signal.Signals, float]]) -> int:
         assert self._proc is not None, "not started"
