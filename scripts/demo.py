@@ -34,20 +34,20 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from contextlib import AsyncExitStack, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import trio
 
-from vuser.control import call as ctl_call
 from vuser.testing import Guest, boot_guest, kernel_info, qemu_info, qemu_rss
+from vuser.testing.poll import PollTimeout, wait_until
+from vuser.testing.process import VuserProcess, VuserProcessError, vuser_command
 
 MiB = 1 << 20
 RNG_READ = 1 * MiB
@@ -59,6 +59,7 @@ BALLOON_TARGET = "128M"
 TOUCH_MB = 200
 BALLOON_WAIT = 90.0        # seconds for the guest to reach a balloon target (TCG)
 DEVICE_START_WAIT = 15.0   # seconds for `vuser run` to open its control socket
+DEVICE_STOP_WAIT = 5.0     # seconds for `vuser run` to exit on SIGTERM, before SIGKILL
 
 
 class DemoError(Exception):
@@ -91,27 +92,7 @@ def signed_mib(n: float) -> str:
     return f"{n / MiB:+.1f} MiB"
 
 
-def tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join("      | " + line for line in text.rstrip("\n").splitlines()[-lines:])
-
-
 # ---------------------------------------------------------------- vuser, the command
-
-def vuser_command() -> list[str]:
-    """The ``vuser`` console script installed next to this Python, else on
-    PATH, else ``python -m vuser.cli``."""
-    sibling = Path(sys.executable).parent / "vuser"
-    if sibling.is_file() and os.access(sibling, os.X_OK):
-        return [str(sibling)]
-    found = shutil.which("vuser")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "vuser.cli"]
-
 
 VUSER = vuser_command()
 
@@ -143,91 +124,21 @@ async def vuser(work: Workdir, *args: str, show: bool = True) -> str:
     return proc.stdout.decode()
 
 
-async def vuser_ctl(work: Workdir, control: Path, *args: str, show: bool = True) -> Any:
-    return json.loads(await vuser(work, "ctl", str(control), *args, show=show))
+async def vuser_ctl(work: Workdir, dev: VuserProcess, *args: str, show: bool = True) -> Any:
+    """``vuser ctl`` on ``dev``'s control socket, as a user types it."""
+    return json.loads(await vuser(work, "ctl", str(dev.control), *args, show=show))
 
 
 # ---------------------------------------------------------------- device processes
 
-@dataclass
-class DeviceProcess:
-    """One ``vuser run DEVICE --socket S --control C`` child process."""
-
-    name: str
-    label: str
-    work: Workdir
-    extra: list[str] = field(default_factory=list)
-    proc: trio.Process | None = None
-
-    @property
-    def socket(self) -> Path:
-        return self.work / f"{self.label}.sock"
-
-    @property
-    def control(self) -> Path:
-        return self.work / f"{self.label}.ctl"
-
-    @property
-    def log(self) -> Path:
-        return self.work / f"{self.label}.log"
-
-    async def start(self) -> None:
-        args = ["run", self.name, "--socket", str(self.socket), "--control", str(self.control),
-                *self.extra]
-        step(f"$ {self.work.show(args)} 2> $DEMO/{self.log.name} &")
-        with open(self.log, "wb") as logf:
-            self.proc = await trio.lowlevel.open_process(
-                [*VUSER, *args], stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + DEVICE_START_WAIT
-        while True:
-            if self.proc.returncode is not None or self.proc.poll() is not None:
-                raise DemoError(f"`vuser run {self.name}` exited with status {self.proc.returncode} "
-                                f"at start:\n{tail(self.log)}")
-            if self.control.exists():
-                try:
-                    await ctl_call(str(self.control), "status", timeout=2)
-                    return
-                except (OSError, RuntimeError, trio.TooSlowError):
-                    pass
-            if time.monotonic() > deadline:
-                raise DemoError(f"`vuser run {self.name}` did not open its control socket within "
-                                f"{DEVICE_START_WAIT:.0f}s:\n{tail(self.log)}")
-            await trio.sleep(0.1)
-
-    async def status(self) -> dict[str, Any]:
-        """In-process equivalent of ``vuser ctl C status`` (used for polling)."""
-        return await ctl_call(str(self.control), "status", timeout=5)  # type: ignore[no-any-return]
-
-    async def qemu_args(self, qemu_version: str, chardev_id: str) -> list[str]:
-        """``vuser qemu-args`` minus its guest-memory arguments: boot_guest
-        already gives QEMU the shared memfd backend, and QEMU takes only one."""
-        out = await vuser(self.work, "qemu-args", self.name, "--socket", str(self.socket),
-                          "--qemu-version", qemu_version, "--chardev-id", chardev_id,
-                          "--memory", f"{GUEST_MEMORY_MB}M", *self.extra)
-        return strip_memory_args(shlex.split(out))
-
-    async def stop(self) -> int | None:
-        """SIGTERM (what Ctrl-C or systemd would do), then SIGKILL; the exit status."""
-        proc = self.proc
-        if proc is None:
-            return None
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if proc.returncode is not None:
-                break
-            try:
-                proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
-            with trio.move_on_after(wait):
-                await proc.wait()
-        return proc.returncode
-
-    def log_problems(self) -> list[str]:
-        try:
-            lines = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return []
-        return [line for line in lines if " ERROR " in line or "Traceback" in line]
+async def qemu_args(work: Workdir, dev: VuserProcess, qemu_version: str, chardev_id: str) -> list[str]:
+    """``vuser qemu-args`` for ``dev`` minus its guest-memory arguments:
+    boot_guest already gives QEMU the shared memfd backend, and QEMU takes
+    only one."""
+    out = await vuser(work, "qemu-args", dev.device, "--socket", str(dev.sockets[0]),
+                      "--qemu-version", qemu_version, "--chardev-id", chardev_id,
+                      "--memory", f"{GUEST_MEMORY_MB}M", *dev.args)
+    return strip_memory_args(shlex.split(out))
 
 
 def strip_memory_args(args: list[str]) -> list[str]:
@@ -246,17 +157,28 @@ def strip_memory_args(args: list[str]) -> list[str]:
 
 
 class Devices:
-    """Device processes of one section: always stopped on the way out, and
-    a bad exit status or an ERROR in a log fails the section."""
+    """Device processes of one section (``vuser run DEVICE --socket
+    $DEMO/LABEL.sock --control $DEMO/LABEL.ctl``, logs in $DEMO/LABEL.log):
+    always stopped on the way out, and a bad exit status or an ERROR in a
+    log fails the section."""
 
     def __init__(self, work: Workdir) -> None:
         self.work = work
-        self.procs: list[DeviceProcess] = []
+        self.procs: list[tuple[str, VuserProcess]] = []
+        self._stack = AsyncExitStack()
 
-    async def start(self, name: str, label: str, *extra: str) -> DeviceProcess:
-        dev = DeviceProcess(name, label, self.work, list(extra))
-        self.procs.append(dev)
-        await dev.start()
+    async def start(self, name: str, label: str, *extra: str,
+                    more_sockets: tuple[Path, ...] = ()) -> VuserProcess:
+        dev = VuserProcess(name, [self.work / f"{label}.sock", *more_sockets],
+                           control=self.work / f"{label}.ctl", args=extra,
+                           log_path=self.work / f"{label}.log", start_timeout=DEVICE_START_WAIT,
+                           stop_timeout=DEVICE_STOP_WAIT)
+        step(f"$ {self.work.show(dev.run_args)} 2> $DEMO/{dev.log_path.name} &")
+        try:
+            await self._stack.enter_async_context(dev)
+        except VuserProcessError as exc:
+            raise DemoError(str(exc)) from None
+        self.procs.append((label, dev))
         return dev
 
     async def __aenter__(self) -> Devices:
@@ -265,17 +187,18 @@ class Devices:
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         problems = []
         with trio.CancelScope(shield=True):
-            for dev in self.procs:
+            for _, dev in self.procs:
                 rc = await dev.stop()
-                if rc not in (0, None):
-                    problems.append(f"`vuser run {dev.name}` exited with status {rc}:\n{tail(dev.log)}")
+                if rc != 0:
+                    problems.append(f"{dev.name} exited with status {rc}:\n{dev.log_tail()}")
                 errors = dev.log_problems()
                 if errors:
-                    problems.append(f"`vuser run {dev.name}` logged errors:\n"
+                    problems.append(f"{dev.name} logged errors:\n"
                                     + "\n".join("      | " + e for e in errors[:10]))
+            await self._stack.aclose()
         if self.procs:
             step("device processes stopped: " + ", ".join(
-                f"{d.label} (exit {d.proc.returncode if d.proc else '-'})" for d in self.procs))
+                f"{label} (exit {dev.returncode})" for label, dev in self.procs))
         if problems and exc_type is None:
             raise DemoError("\n".join(problems))
         for p in problems:
@@ -310,7 +233,7 @@ async def guest_driver(guest: Guest, virtio_id: int) -> str:
     return f"{vdir.rsplit('/', 1)[-1]} bound to {r.stdout.strip() or 'no driver'}"
 
 
-async def read_hwrng(guest: Guest, dev: DeviceProcess, nbytes: int) -> dict[str, Any]:
+async def read_hwrng(guest: Guest, dev: VuserProcess, nbytes: int) -> dict[str, Any]:
     current = (await guest.check("cat /sys/class/misc/hw_random/rng_current")).stdout.strip()
     step(f"guest: /sys/class/misc/hw_random/rng_current = {current}")
     if not current.startswith("virtio_rng"):
@@ -379,14 +302,14 @@ async def section_rng_72(work: Workdir, report: Report) -> None:
         "front-end vhost-user-rng-pci")
     async with Devices(work) as devices:
         rng = await devices.start("rng", "rng72")
-        args = await rng.qemu_args("7.2", "rng0")
+        args = await qemu_args(work, rng, "7.2", "rng0")
         step("QEMU gets: " + work.show(args)[len("vuser "):])
         async with boot_guest("7.2", "bookworm", memory_mb=GUEST_MEMORY_MB, extra_args=args,
                               workdir=work / "guest-rng72", keep_workdir=True) as guest:
             step(f"guest booted in {guest.boot_seconds:.1f}s (QEMU pid {guest.pid}); "
                  f"{await guest_driver(guest, 4)}")
             numbers = await read_hwrng(guest, rng, RNG_READ)
-            status = await vuser_ctl(work, rng.control, "status")
+            status = await vuser_ctl(work, rng, "status")
             show_status(status)
             served = status["device_status"]["bytes_served"]
             say(f"           bytes served in total: {served} in {status['device_status']['requests']} "
@@ -397,22 +320,27 @@ async def section_rng_72(work: Workdir, report: Report) -> None:
            f"({numbers['bytes'] / numbers['seconds'] / 1024:.0f} KiB/s); vuser served {served} B in all")
 
 
-async def balloon_wait(dev: DeviceProcess, target_bytes: int) -> tuple[dict[str, Any], float]:
+async def balloon_wait(dev: VuserProcess, target_bytes: int) -> tuple[dict[str, Any], float]:
     t0 = time.monotonic()
-    last = None
-    while True:
-        st = (await dev.status())["device_status"]
-        if st["actual_bytes"] == target_bytes:
-            return st, time.monotonic() - t0
-        if st["actual_bytes"] != last:
-            last = st["actual_bytes"]
-        if time.monotonic() - t0 > BALLOON_WAIT:
-            raise DemoError(
-                f"the balloon did not reach {mib(target_bytes)}: after {BALLOON_WAIT:.0f}s actual is "
-                f"{mib(st['actual_bytes'])} ({st['actual_pages']} pages), vuser saw "
-                f"{st['inflate_buffers']} inflate and {st['deflate_buffers']} deflate buffers "
-                f"({st['inflated_pages']} pages held)")
-        await trio.sleep(0.25)
+    seen: list[dict[str, Any]] = []
+
+    async def reached() -> dict[str, Any] | None:
+        seen.append((await dev.status())["device_status"])
+        return seen[-1] if seen[-1]["actual_bytes"] == target_bytes else None
+
+    try:
+        st = await wait_until(reached, BALLOON_WAIT, f"the balloon to reach {mib(target_bytes)}",
+                              interval=0.25)
+    except PollTimeout:
+        if not seen:
+            raise DemoError(f"vuser did not answer status within {BALLOON_WAIT:.0f}s") from None
+        st = seen[-1]
+        raise DemoError(
+            f"the balloon did not reach {mib(target_bytes)}: after {BALLOON_WAIT:.0f}s actual is "
+            f"{mib(st['actual_bytes'])} ({st['actual_pages']} pages), vuser saw "
+            f"{st['inflate_buffers']} inflate and {st['deflate_buffers']} deflate buffers "
+            f"({st['inflated_pages']} pages held)") from None
+    return st, time.monotonic() - t0
 
 
 async def section_qemu11(work: Workdir, report: Report) -> None:
@@ -425,7 +353,7 @@ async def section_qemu11(work: Workdir, report: Report) -> None:
         # resident, so what inflating gives back to the host shows in QEMU's
         # RSS (the reporting section shows reporting on its own).
         balloon = await devices.start("balloon", "balloon", "--without", "REPORTING")
-        args = (await rng.qemu_args("11", "rng0")) + (await balloon.qemu_args("11", "balloon0"))
+        args = (await qemu_args(work, rng, "11", "rng0")) + (await qemu_args(work, balloon, "11", "balloon0"))
         step("QEMU gets: " + work.show(args)[len("vuser "):])
         async with boot_guest("11", "sid", memory_mb=GUEST_MEMORY_MB, extra_args=args,
                               workdir=work / "guest-qemu11", keep_workdir=True) as guest:
@@ -441,14 +369,14 @@ async def section_qemu11(work: Workdir, report: Report) -> None:
             try:
                 report(f"balloon (QEMU {qinfo['key']})", await balloon_steps(work, guest, balloon))
             except DemoError as exc:
-                raise DemoError(f"{exc}\n    device log tail ($DEMO/{balloon.log.name}):\n"
-                                f"{tail(balloon.log)}", row=f"balloon (QEMU {qinfo['key']})") from None
+                raise DemoError(f"{exc}\n    device log tail ($DEMO/{balloon.log_path.name}):\n"
+                                f"{balloon.log_tail()}", row=f"balloon (QEMU {qinfo['key']})") from None
 
 
 class Snapshots:
     """Guest meminfo, QEMU's RSS and the balloon's numbers, one line each."""
 
-    def __init__(self, guest: Guest, balloon: DeviceProcess) -> None:
+    def __init__(self, guest: Guest, balloon: VuserProcess) -> None:
         self.guest = guest
         self.balloon = balloon
         self.rows: list[tuple[str, dict[str, int], dict[str, int], dict[str, Any]]] = []
@@ -474,8 +402,8 @@ async def touch_and_free(guest: Guest, snaps: Snapshots) -> None:
     await snaps.take("freed in the guest")
 
 
-async def balloon_steps(work: Workdir, guest: Guest, balloon: DeviceProcess) -> str:
-    status = await vuser_ctl(work, balloon.control, "status")
+async def balloon_steps(work: Workdir, guest: Guest, balloon: VuserProcess) -> str:
+    status = await vuser_ctl(work, balloon, "status")
     show_status(status)
     negotiated = set(status.get("negotiated_features") or [])
     snaps = Snapshots(guest, balloon)
@@ -484,14 +412,14 @@ async def balloon_steps(work: Workdir, guest: Guest, balloon: DeviceProcess) -> 
     await touch_and_free(guest, snaps)
     before = snaps.rows[-1]
 
-    status = await vuser_ctl(work, balloon.control, "set-target", BALLOON_TARGET)
+    status = await vuser_ctl(work, balloon, "set-target", BALLOON_TARGET)
     target = status["target_bytes"]
     st, secs = await balloon_wait(balloon, target)
     step(f"balloon reached {mib(st['actual_bytes'])} in {secs:.1f}s "
          f"({st['inflate_buffers']} inflate buffers, {st['inflated_pages']} pages held by vuser)")
     inflated = await snaps.take(f"inflated to {BALLOON_TARGET}")
 
-    await vuser_ctl(work, balloon.control, "set-target", "0")
+    await vuser_ctl(work, balloon, "set-target", "0")
     st, dsecs = await balloon_wait(balloon, 0)
     step(f"balloon back to {mib(st['actual_bytes'])} in {dsecs:.1f}s "
          f"({st['deflate_buffers']} deflate buffers)")
@@ -528,7 +456,7 @@ async def section_reporting(work: Workdir, report: Report) -> None:
         "free memory back on its own")
     async with Devices(work) as devices:
         balloon = await devices.start("balloon", "balloon-reporting")
-        args = await balloon.qemu_args("11", "balloon0")
+        args = await qemu_args(work, balloon, "11", "balloon0")
         async with boot_guest("11", "sid", memory_mb=GUEST_MEMORY_MB, extra_args=args,
                               workdir=work / "guest-reporting", keep_workdir=True) as guest:
             step(f"guest booted in {guest.boot_seconds:.1f}s (QEMU pid {guest.pid}); "
@@ -544,13 +472,14 @@ async def section_reporting(work: Workdir, report: Report) -> None:
             touched = snaps.rows[-2]
             before = touched[3]["bytes_reported"]
             # The guest reports free blocks of 2 MiB and more, ~2s after they are freed.
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 10:
+            async def reported_most() -> bool:
                 st = (await balloon.status())["device_status"]
-                if st["bytes_reported"] - before >= TOUCH_MB * MiB * 3 // 4:
-                    await trio.sleep(1)
-                    break
-                await trio.sleep(0.5)
+                return bool(st["bytes_reported"] - before >= TOUCH_MB * MiB * 3 // 4)
+
+            with suppress(PollTimeout):   # the figures below tell how far it got
+                await wait_until(reported_most, 10, "the guest to report the freed memory",
+                                 interval=0.5)
+                await trio.sleep(1)
             after = await snaps.take("after reporting")
             reported = after[3]["bytes_reported"] - before
             rss_drop = touched[2]["RssShmem"] - after[2]["RssShmem"]
@@ -669,7 +598,7 @@ async def section_net(work: Workdir, report: Report) -> None:
     b = NetGuest("guest b", "sid", work / "net-b.sock", "net0", "52:54:00:00:00:0b", "10.0.0.2")
     async with Devices(work) as devices:
         # One process, one switch, a port per socket.
-        net = await devices.start("net", "net", "--socket", str(b.socket))
+        net = await devices.start("net", "net", more_sockets=(b.socket,))
         args_a, args_b = await net_qemu_args(work, a), await net_qemu_args(work, b)
         step("QEMU a gets: " + work.show(args_a)[len("vuser "):])
         step("QEMU b gets: " + work.show(args_b)[len("vuser "):])
@@ -690,12 +619,12 @@ async def section_net(work: Workdir, report: Report) -> None:
             say("  -- nc")
             seconds, _ = await net_transfer(ga, gb, a, b)
 
-            status = await vuser_ctl(work, net.control, "status")
+            status = await vuser_ctl(work, net, "status")
             for sock in status["sockets"]:
                 say(f"  -- {Path(sock['socket']).name}")
                 show_status(sock)
             show_net_ports(status)
-            fdb = await vuser_ctl(work, net.control, "fdb", show=False)
+            fdb = await vuser_ctl(work, net, "fdb", show=False)
             say("           learned: " + ", ".join(f"{e['mac']} on port {e['port']}" for e in fdb))
             dropped = sum(p["dropped"] for p in status["device_status"]["ports"])
             if dropped > boot_drops:

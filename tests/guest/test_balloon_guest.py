@@ -8,25 +8,24 @@ releases with MADV_REMOVE leave QEMU's resident set too)."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
-import trio
 
 from vuser.devices.balloon import PAGE_SIZE, BalloonDevice
 from vuser.testing.guest import Guest
+from vuser.testing.poll import wait_until
+from vuser.testing.qemu import qemu_rss
 
 from vuser_guest import guest_features, served_guest, virtio_dir
 
 MiB = 1 << 20
 KERNELS = ["bookworm", "sid"]
+POLL = 0.1      # seconds between looks at the device
+WAIT = 60.0     # seconds for the guest to act, unless said otherwise
 
 
 def rss_shmem(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssShmem:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no RssShmem line")
+    return qemu_rss(pid)["RssShmem"]
 
 
 async def meminfo(guest: Guest) -> dict[str, int]:
@@ -36,14 +35,6 @@ async def meminfo(guest: Guest) -> dict[str, int]:
         key, _, rest = line.partition(":")
         values[key] = int(rest.split()[0]) * 1024
     return values
-
-
-async def wait_for(predicate, what: str, timeout: float = 60.0) -> float:
-    t0 = time.monotonic()
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.1)
-    return time.monotonic() - t0
 
 
 async def touch(guest: Guest, mib: int) -> None:
@@ -65,7 +56,9 @@ async def test_inflate_deflate_releases_host_memory(kernel: str, tmp_path) -> No
         before_rss = rss_shmem(guest.pid)
 
         dev.set_target(target // PAGE_SIZE)
-        took = await wait_for(lambda: dev.actual * PAGE_SIZE >= target, "inflate")
+        t0 = time.monotonic()
+        await wait_until(lambda: dev.actual * PAGE_SIZE >= target, WAIT, "inflate", interval=POLL)
+        took = time.monotonic() - t0
         after_guest = await meminfo(guest)
         after_rss = rss_shmem(guest.pid)
         released = before_rss - after_rss
@@ -83,7 +76,9 @@ async def test_inflate_deflate_releases_host_memory(kernel: str, tmp_path) -> No
         assert queues[0]["role"] == "inflateq" and queues[0]["buffers"] > 0
 
         dev.set_target(0)
-        took = await wait_for(lambda: dev.actual == 0, "deflate")
+        t0 = time.monotonic()
+        await wait_until(lambda: dev.actual == 0, WAIT, "deflate", interval=POLL)
+        took = time.monotonic() - t0
         final_guest = await meminfo(guest)
         print(f"kernel {kernel}: deflated in {took:.2f}s; guest MemFree {final_guest['MemFree'] >> 20} MiB")
         # Freed pages may wait in per-CPU lists (not counted in MemFree,
@@ -98,7 +93,7 @@ async def test_inflate_deflate_releases_host_memory(kernel: str, tmp_path) -> No
 async def test_stats_arrive_with_plausible_values(tmp_path) -> None:
     dev = BalloonDevice(stats_interval=0.5)
     async with served_guest(dev, tmp_path, qemu="11", kernel="bookworm", memory_mb=512) as (guest, runner):
-        await wait_for(lambda: dev.stats_updates >= 3, "three stats updates", timeout=30)
+        await wait_until(lambda: dev.stats_updates >= 3, 30, "three stats updates", interval=POLL)
         info = await meminfo(guest)
         stats = dev.status()["stats"]["values"]
         assert abs(stats["total-memory"] - info["MemTotal"]) <= 4 * MiB, (stats, info["MemTotal"])
@@ -118,7 +113,7 @@ async def test_deflate_on_oom(tmp_path) -> None:
         # Leave the guest about 120 MiB, then ask it for 200 MiB of tmpfs.
         balloon = info["MemTotal"] - 120 * MiB
         dev.set_target(balloon // PAGE_SIZE)
-        await wait_for(lambda: dev.actual >= balloon // PAGE_SIZE, "inflate", timeout=90)
+        await wait_until(lambda: dev.actual >= balloon // PAGE_SIZE, 90, "inflate", interval=POLL)
         r = await guest.run("dd if=/dev/zero of=/dev/shm/big bs=1M count=200 2>&1; echo rc=$?", timeout=120)
         print(r.stdout)
         assert "rc=0" in r.stdout, r.stdout
@@ -137,8 +132,10 @@ async def test_page_reporting_releases_freed_memory(kernel: str, tmp_path) -> No
         reported_before = dev.bytes_reported
         await guest.check("rm /dev/shm/big")
         # Linux reports free 2 MiB+ blocks about two seconds after they are freed.
-        await wait_for(lambda: dev.bytes_reported - reported_before >= 100 * MiB, "page reporting", timeout=60)
-        await wait_for(lambda: resident - rss_shmem(guest.pid) >= 100 * MiB, "QEMU RssShmem drop", timeout=30)
+        await wait_until(lambda: dev.bytes_reported - reported_before >= 100 * MiB, 60, "page reporting",
+                         interval=POLL)
+        await wait_until(lambda: resident - rss_shmem(guest.pid) >= 100 * MiB, 30, "QEMU RssShmem drop",
+                         interval=POLL)
         after = rss_shmem(guest.pid)
         print(f"kernel {kernel}: reported {(dev.bytes_reported - reported_before) >> 20} MiB after the free; "
               f"QEMU RssShmem {resident >> 20} -> {after >> 20} MiB")
@@ -162,11 +159,11 @@ async def test_queue_layout_follows_offered_features(without, expected, tmp_path
         assert {i: r for i, r in layout.items() if i >= 2} == expected
         await guest.check("dd if=/dev/zero of=/dev/shm/big bs=1M count=200 2>/dev/null; rm /dev/shm/big",
                           timeout=120)
-        await wait_for(lambda: dev.bytes_reported > 0, "page reporting", timeout=60)
+        await wait_until(lambda: dev.bytes_reported > 0, 60, "page reporting", interval=POLL)
         dev.set_target(16 * MiB // PAGE_SIZE)
-        await wait_for(lambda: dev.actual * PAGE_SIZE >= 16 * MiB, "inflate")
+        await wait_until(lambda: dev.actual * PAGE_SIZE >= 16 * MiB, WAIT, "inflate", interval=POLL)
         if "statsq" in expected.values():
-            await wait_for(lambda: dev.stats_updates >= 2, "stats")
+            await wait_until(lambda: dev.stats_updates >= 2, WAIT, "stats", interval=POLL)
         queues = {q["index"]: q for q in runner.status()["queues"]}
         for index, role in expected.items():
             assert queues[index]["role"] == role
@@ -195,10 +192,11 @@ async def test_free_page_hint_cmd_id_readable_and_counted(tmp_path) -> None:
     dev = BalloonDevice(stats_interval=0)
     async with served_guest(dev, tmp_path, qemu="11", kernel="bookworm", memory_mb=512) as (guest, runner):
         cmd = dev.hint("start")
-        await wait_for(lambda: dev.hint_active_id == cmd and dev.hinted_bytes > 0, "free page hints", timeout=60)
+        await wait_until(lambda: dev.hint_active_id == cmd and dev.hinted_bytes > 0, 60, "free page hints",
+                         interval=POLL)
         print(f"hinted {dev.hinted_ranges} ranges, {dev.hinted_bytes >> 20} MiB")
         dev.hint("stop")
-        await wait_for(lambda: dev.hint_active_id is None, "hinting stopped", timeout=60)
+        await wait_until(lambda: dev.hint_active_id is None, 60, "hinting stopped", interval=POLL)
         # After DONE the guest got its hinted pages back: it can fill its RAM.
         info = await meminfo(guest)
         assert info["MemFree"] > 200 * MiB

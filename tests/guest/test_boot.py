@@ -3,12 +3,12 @@ channel returns output and exit status exactly.  Needs scripts/provision."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 import trio
 
+from vuser.testing.child import gone
 from vuser.testing.guest import (
     GuestCommandError,
     GuestExited,
@@ -29,14 +29,6 @@ PAYLOAD = (bytes(range(256)) + b"\n\nsecond line\r\n\t tabbed \n"
 def printf_script(data: bytes) -> str:
     """A shell printf that writes exactly ``data`` (octal escapes)."""
     return "printf '" + "".join(f"\\{b:03o}" for b in data) + "'"
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 @pytest.mark.guest

@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from vuser.testing import dpdk
+from vuser.testing.poll import wait_until
 
 FRAME = 64
 RING = 256          # virtio_user's default queue size: at most this many in flight
@@ -30,19 +31,14 @@ def lcores() -> tuple[str, str]:
     return f"0@{front},1@{back}", f"0@{back},1@{front}"
 
 
-async def wait_socket(path: Path) -> None:
-    while not path.exists():
-        await trio.sleep(0.02)
-
-
 async def exchange(front: dpdk.Testpmd, back: dpdk.Testpmd) -> dict[int, dpdk.ForwardStats]:
     """Forward until the back-end counted ENOUGH, then stop the front-end and
     wait for the back-end to drain the ring.  Returns the front-end's
     forwarding counters."""
     await back.start()
     await front.start()
-    while (await back.stats())[0].rx_packets <= ENOUGH:
-        await trio.sleep(0.05)
+    await wait_until(lambda: back.received_more(ENOUGH), DEADLINE, f"{ENOUGH} frames received",
+                     interval=0.05)
     front_fwd = await front.stop()
     sent = (await front.stats())[0].tx_packets
     with trio.move_on_after(5):
@@ -96,7 +92,7 @@ async def test_virtio_user_server_to_net_vhost_client(tmp_path: Path) -> None:
         async with dpdk.testpmd(f"net_virtio_user0,path={sock},queues=1,server=1", fwd="txonly",
                            txpkts=FRAME, lcores=front_lcores, name="frontend",
                            log_path=tmp_path / "frontend.log", wait_ready=False) as front:
-            await wait_socket(sock)
+            await wait_until(sock.exists, DEADLINE, f"{sock} to exist", interval=0.02)
             async with dpdk.testpmd(f"net_vhost0,iface={sock},queues=1,client=1", fwd="rxonly",
                                lcores=back_lcores, name="backend",
                                log_path=tmp_path / "backend.log") as back:

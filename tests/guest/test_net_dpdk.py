@@ -24,6 +24,7 @@ import trio
 from vuser.devices.net import NetSwitch
 from vuser.runner import Runner, RunnerGroup
 from vuser.testing import dpdk
+from vuser.testing.poll import wait_until
 
 try:
     from vuser.devices.net import NetDevice
@@ -73,12 +74,6 @@ def port(switch: NetSwitch, i: int) -> dict[str, Any]:
     return switch.stats()["ports"][i]
 
 
-async def wait_for(predicate: Any, timeout: float = 10) -> None:
-    with trio.move_on_after(timeout):
-        while not predicate():
-            await trio.sleep(0.05)
-
-
 async def one_way(sender: dpdk.Testpmd, receiver: dpdk.Testpmd, switch: NetSwitch,
                   tx_port: int, rx_port: int) -> None:
     """sender txonly -> vuser -> receiver rxonly; checks every count."""
@@ -86,12 +81,13 @@ async def one_way(sender: dpdk.Testpmd, receiver: dpdk.Testpmd, switch: NetSwitc
     rx_before = (await receiver.stats())[0].rx_packets
     await receiver.start()
     await sender.start()
-    while (await receiver.stats())[0].rx_packets - rx_before <= ENOUGH:
-        await trio.sleep(0.05)
+    await wait_until(lambda: receiver.received_more(rx_before + ENOUGH), DEADLINE,
+                     f"{receiver.name} to receive {ENOUGH} frames", interval=0.05)
     await sender.stop()
     sent = (await sender.stats())[0]
     # vuser takes every frame off the sender's ring ...
-    await wait_for(lambda: port(switch, tx_port)["tx_packets"] - tx_before >= sent.tx_packets)
+    await wait_until(lambda: port(switch, tx_port)["tx_packets"] - tx_before >= sent.tx_packets,
+                     10, f"vuser to take the {sent.tx_packets} frames sent", interval=0.05)
     await trio.sleep(0.2)
     await receiver.stop()
     got = (await receiver.stats())[0]
@@ -138,14 +134,15 @@ async def test_reflect_back_to_testpmd(tmp_path: Path) -> None:
                                     txpkts=FRAME, lcores=lcores(0), name="r",
                                     log_path=tmp_path / "r.log") as tp:
                 await tp.start()
-                while (await tp.stats())[0].rx_packets <= ENOUGH:
-                    await trio.sleep(0.05)
+                await wait_until(lambda: tp.received_more(ENOUGH), DEADLINE,
+                                 f"{ENOUGH} frames back", interval=0.05)
                 await tp.stop()
                 await trio.sleep(0.2)
                 s = (await tp.stats())[0]
                 p = port(switch, 0)
                 # Every frame taken was sent back or dropped (ring full), counted.
-                await wait_for(lambda: port(switch, 0)["tx_packets"] == s.tx_packets)
+                await wait_until(lambda: port(switch, 0)["tx_packets"] == s.tx_packets, 10,
+                                 f"vuser to take the {s.tx_packets} frames sent", interval=0.05)
                 p = port(switch, 0)
                 assert p["tx_packets"] == s.tx_packets
                 assert p["rx_packets"] + p["dropped"] == p["tx_packets"]
@@ -164,7 +161,8 @@ async def test_sink_two_queue_pairs(tmp_path: Path) -> None:
                 await trio.sleep(1)
                 await tp.stop()
                 sent = (await tp.stats())[0].tx_packets
-                await wait_for(lambda: port(switch, 0)["tx_packets"] >= sent)
+                await wait_until(lambda: port(switch, 0)["tx_packets"] >= sent, 10,
+                                 f"vuser to take the {sent} frames sent", interval=0.05)
                 p = port(switch, 0)
                 assert p["tx_packets"] == sent > ENOUGH
                 assert p["drops"] == {"sink": sent}

@@ -29,10 +29,8 @@ import os
 import re
 import socket
 import struct
-import subprocess
-import sys
 import time
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence
@@ -43,6 +41,8 @@ import trio
 from vuser.devices.net import NetSwitch
 from vuser.runner import Runner, RunnerGroup
 from vuser.testing.guest import Guest, boot_guest
+from vuser.testing.poll import wait_until
+from vuser.testing.process import VuserProcess
 
 try:
     from vuser.devices.net import NetDevice
@@ -263,9 +263,8 @@ async def host_ping(addr: str, *, count: int = 3, timeout: float = 2.0, device: 
 async def host_ping_until(addr: str, *, deadline: float, device: str | None = None) -> float:
     """Ping once a second until a reply comes; seconds it took."""
     t0 = time.monotonic()
-    with trio.fail_after(deadline):
-        while not await host_ping(addr, count=1, timeout=1.0, device=device):
-            pass
+    await wait_until(lambda: host_ping(addr, count=1, timeout=1.0, device=device), deadline,
+                     f"an echo reply from {addr}", interval=0)
     return time.monotonic() - t0
 
 
@@ -491,45 +490,34 @@ async def test_reconnect_after_backend_restart(kernel: str, tmp_path: Path) -> N
     and traffic between the host (tap) and the guest resumes."""
     tap, net24 = tap_name("r"), tap_subnet(2)
     sock, control = str(tmp_path / "net.sock"), str(tmp_path / "net.ctl")
-    logs: list[Path] = []
+    procs: list[VuserProcess] = []
 
-    async def start_vuser() -> trio.Process:
-        log = tmp_path / f"vuser{len(logs)}.log"
-        logs.append(log)
-        with open(log, "wb") as f:
-            proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "vuser.cli", "--log-level", "DEBUG", "run", "net", "--socket", sock,
-                 "--control", control, "--tap", tap], stdout=f, stderr=subprocess.STDOUT)
-        with trio.fail_after(15):
-            while not os.path.exists(control):
-                assert proc.poll() is None, logs[-1].read_text()
-                await trio.sleep(0.05)
+    async def start_vuser(stack: AsyncExitStack) -> VuserProcess:
+        """A ``vuser run net`` that lasts until ``stack`` closes (or it is killed)."""
+        vp = VuserProcess("net", sock, control=control, args=["--tap", tap],
+                          global_args=["--log-level", "DEBUG"],
+                          log_path=tmp_path / f"vuser{len(procs)}.log", start_timeout=15)
+        procs.append(await stack.enter_async_context(vp))
         await host_addr_tap(tap, f"{net24}.1/24")
-        return proc
+        return vp
 
-    async def ctl_status() -> dict[str, Any]:
-        proc = await trio.run_process([sys.executable, "-m", "vuser.cli", "ctl", control, "status"],
-                                      capture_stdout=True)
-        return json.loads(proc.stdout)
-
-    proc = await start_vuser()
-    try:
+    async with AsyncExitStack() as stack:
+        vp = await start_vuser(stack)
         with trio.fail_after(120):
             spec = {"extra_args": net_args(sock, MAC.format(1), reconnect=1)}
             async with guests(kernel, [spec]) as (g,):
                 await set_ip(g, f"{net24}.2/24")
                 await ping(g, f"{net24}.1")
                 assert len(await host_ping(f"{net24}.2", count=3, device=tap)) == 3
-                first = await ctl_status()
+                first = await vp.status()
 
-                proc.kill()
-                await proc.wait()
+                await vp.kill()
                 os.unlink(control)
                 t_kill = time.monotonic()
                 # QEMU notices and sets the link down: the guest loses its carrier.
                 await g.check("for i in $(seq 100); do [ \"$(cat /sys/class/net/eth0/carrier)\" = 0 ] && exit 0; "
                               "sleep 0.1; done; exit 1")
-                proc = await start_vuser()
+                vp = await start_vuser(stack)
                 took = await host_ping_until(f"{net24}.2", deadline=30, device=tap)
                 resumed = time.monotonic() - t_kill
                 assert (await g.check("cat /sys/class/net/eth0/carrier")).stdout.strip() == "1"
@@ -537,18 +525,12 @@ async def test_reconnect_after_backend_restart(kernel: str, tmp_path: Path) -> N
                 # The rings restarted where the guest left them: bulk data
                 # over the restored receive ring arrives intact.
                 await host_to_guest_tcp(g, f"{net24}.2", 2 << 20)
-                second = await ctl_status()
+                second = await vp.status()
                 assert second["connected"] and second["connections"] == 1
                 assert second["negotiated_features"] == first["negotiated_features"]
                 print(f"kernel {kernel}: traffic resumed {resumed:.1f}s after the kill "
                       f"({took:.1f}s after the restart); ports {second['ports']}")
-    finally:
-        proc.terminate()
-        with trio.move_on_after(10):
-            await proc.wait()
-        if proc.returncode is None:
-            proc.kill()
-    assert proc.returncode == 0, logs[-1].read_text()[-3000:]
-    for log in logs:
-        errors = [line for line in log.read_text().splitlines() if " ERROR " in line or "Traceback" in line]
-        assert not errors, f"{log.name}: " + "\n".join(errors[:20])
+        assert await vp.stop() == 0, vp.log_text()[-3000:]
+    for vp in procs:
+        errors = vp.log_problems()
+        assert not errors, f"{vp.log_path.name}: " + "\n".join(errors[:20])

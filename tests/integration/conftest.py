@@ -9,11 +9,10 @@ tasks talking over a real socket, with memfd guest memory and eventfds, so
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Iterable
 
 import pytest
 import trio
@@ -21,6 +20,7 @@ import trio
 from vuser.device import Device
 from vuser.frontend import Driver, DriverQueue, Frontend, UsedElem
 from vuser.runner import Runner
+from vuser.testing.poll import wait_until  # re-exported: the tests import it from here
 
 try:  # installed layout (pip install -e .): devices/ is vuser.devices
     from vuser.devices.balloon import BalloonDevice
@@ -58,17 +58,6 @@ async def served(device: Device, path: Path | str, *, ring_impl: str = "native",
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something true (bounded)."""
-    with trio.move_on_after(timeout):
-        while True:
-            value = predicate()
-            if value:
-                return value
-            await trio.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 async def wait_idle(runner: Runner, connections: int, timeout: float = 5.0) -> None:

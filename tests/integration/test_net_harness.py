@@ -16,8 +16,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import subprocess
-import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -31,6 +29,7 @@ from vuser.frontend import HARNESS_PROTOCOL_FEATURES, Driver, Frontend
 from vuser.devices.net import NetSwitch
 from vuser.runner import Runner, RunnerGroup
 from vuser.testing.netframes import VnetHdr, offload_hdr, parse_tcp, tcp_frame
+from vuser.testing.process import VuserProcess
 from vuser.wire import ProtocolFeature as PF
 from vuser.wire import Request
 
@@ -469,7 +468,7 @@ async def test_stop_restart_and_disconnect(tmp_path: Path) -> None:
                     await b.recv(1)
                     bases = await fb.stop()
                     assert bases == {0: 1, 1: 0}
-                await wait_until(lambda: not port_stats(switch, 1)["connected"], what="port 1 gone")
+                await wait_until(lambda: not port_stats(switch, 1)["connected"], 5, "port 1 gone")
                 a.send(eth(BCAST, MAC_A, bytes(100)))
                 await a.wait_sent(2)
                 # A port whose front-end is gone is like a link that is down:
@@ -557,13 +556,9 @@ async def test_cli_two_sockets(tmp_path: Path) -> None:
     """``vuser run net --socket A --socket B --control C``: one process,
     two ports of one switch."""
     a_path, b_path, ctl = str(tmp_path / "a.sock"), str(tmp_path / "b.sock"), str(tmp_path / "ctl")
-    proc = subprocess.Popen([sys.executable, "-m", "vuser.cli", "run", "net", "--socket", a_path,
-                             "--socket", b_path, "--control", ctl, "--queue-pairs", "1"],
-                            stderr=subprocess.PIPE)
-    try:
-        with trio.fail_after(30):
-            await wait_until(lambda: os.path.exists(ctl) and os.path.exists(b_path), timeout=15,
-                             what="vuser run net to listen")
+    with trio.fail_after(30):
+        async with VuserProcess("net", [a_path, b_path], control=ctl, args=["--queue-pairs", "1"],
+                                log_path=tmp_path / "vuser.log", start_timeout=15) as vp:
             async with connect(a_path) as fa, connect(b_path) as fb:
                 a, b = await probe(fa), await probe(fb)
                 b.fill_rx()
@@ -572,10 +567,7 @@ async def test_cli_two_sockets(tmp_path: Path) -> None:
                 assert [g for _, g in await b.recv(1)] == [f]
                 st = await control_call(ctl, "status")
                 assert st["device_status"]["ports"][1]["rx_packets"] == 1
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=10)
-    assert proc.returncode == 0, err.decode()[-2000:]
+            assert await vp.stop() == 0, vp.log_text()[-2000:]
 
 
 def _tap_possible() -> bool:

@@ -1,27 +1,51 @@
-"""Test machinery for vuser: real Linux guests under QEMU (see guest.py).
+"""Test machinery for vuser: real Linux guests under QEMU (see guest.py),
+``vuser run`` as a child process (process.py), one poller (poll.py), the
+provisioning cache (manifest.py) and provisioning itself (provision/).
 
 Importing this package needs neither QEMU nor a provisioned cache; booting a
-guest does (run scripts/provision).
+guest does (run scripts/provision).  The names below are loaded on first
+use: provisioning imports this package before vuser's dependencies (trio)
+are installed, so importing it must not pull them in.
 """
 
-from vuser.testing.guest import (
-    CommandResult,
-    Guest,
-    GuestCommandError,
-    GuestError,
-    GuestExited,
-    GuestTimeout,
-    NotProvisionedError,
-    boot_guest,
-    cache_dir,
-    kernel_info,
-    manifest,
-    manifest_path,
-    provisioned,
-    qemu_command,
-    qemu_info,
-    qemu_rss,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vuser.testing.guest import (
+        CommandResult,
+        Guest,
+        GuestCommandError,
+        GuestError,
+        GuestExited,
+        GuestTimeout,
+        NotProvisionedError,
+        boot_guest,
+        cache_dir,
+        kernel_info,
+        manifest,
+        manifest_path,
+        provisioned,
+        qemu_command,
+        qemu_info,
+        qemu_rss,
+    )
+    from vuser.testing.poll import PollTimeout, wait_until
+    from vuser.testing.process import VuserProcess, VuserProcessError
+
+# name -> the module that defines it
+_LAZY = {
+    **dict.fromkeys(("CommandResult", "Guest", "boot_guest"), "vuser.testing.guest"),
+    **dict.fromkeys(("GuestCommandError", "GuestError", "GuestExited", "GuestTimeout",
+                     "NotProvisionedError"), "vuser.testing.errors"),
+    **dict.fromkeys(("cache_dir", "kernel_info", "manifest", "manifest_path", "provisioned",
+                     "qemu_info"), "vuser.testing.manifest"),
+    **dict.fromkeys(("qemu_command", "qemu_rss"), "vuser.testing.qemu"),
+    **dict.fromkeys(("PollTimeout", "wait_until"), "vuser.testing.poll"),
+    **dict.fromkeys(("VuserProcess", "VuserProcessError"), "vuser.testing.process"),
+}
 
 __all__ = [
     "CommandResult",
@@ -31,6 +55,9 @@ __all__ = [
     "GuestExited",
     "GuestTimeout",
     "NotProvisionedError",
+    "PollTimeout",
+    "VuserProcess",
+    "VuserProcessError",
     "boot_guest",
     "cache_dir",
     "kernel_info",
@@ -40,4 +67,13 @@ __all__ = [
     "qemu_command",
     "qemu_info",
     "qemu_rss",
+    "wait_until",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: import the defining module on first access of one of its names.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

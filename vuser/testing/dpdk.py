@@ -378,6 +378,11 @@ class Testpmd:
             raise TestpmdError(f"{self.name}: no port statistics in:\n{text}")
         return stats
 
+    async def received_more(self, count: int, port: int = 0) -> bool:
+        """Whether ``port`` has received more than ``count`` frames in all (a
+        predicate for :func:`vuser.testing.poll.wait_until`)."""
+        return (await self.stats())[port].rx_packets > count
+
     async def quit(self, timeout: float = 10.0) -> int:
         """``quit`` and wait for exit; returns the exit status.
 

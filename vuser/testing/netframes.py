@@ -23,7 +23,8 @@ DST6 = bytes.fromhex("fd000000000000000000000000000002")
 def csum_sum(data: bytes, start: int = 0) -> int:
     if len(data) % 2:
         data += b"\0"
-    return start + sum(struct.unpack(f"!{len(data) // 2}H", data))
+    words: tuple[int, ...] = struct.unpack(f"!{len(data) // 2}H", data)
+    return start + sum(words)
 
 
 def fold(total: int) -> int:
