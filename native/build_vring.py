@@ -11,24 +11,25 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent  # native/; its parent is the project root
-HEADER = (HERE / "vring.h").read_text()
-NET_HEADER = (HERE / "net.h").read_text()  # the virtio-net data path (native/net.c)
+# guard.h: the SIGBUS guard; vring.h: the split ring; net.h: the
+# virtio-net data path.
+HEADERS = ("guard.h", "vring.h", "net.h")
 
 ffibuilder = FFI()
-ffibuilder.cdef(HEADER.split("/* cdef-begin */")[1].split("/* cdef-end */")[0])
-ffibuilder.cdef(NET_HEADER.split("/* cdef-begin */")[1].split("/* cdef-end */")[0])
+for name in HEADERS:
+    ffibuilder.cdef((HERE / name).read_text().split("/* cdef-begin */")[1].split("/* cdef-end */")[0])
 ffibuilder.set_source(
     "vuser._native",
-    '#include "vring.h"\n#include "net.h"',
+    "".join(f'#include "{name}"\n' for name in HEADERS),
     # Relative to the project root: setuptools runs from there, and
     # compile() below switches to it (an absolute path would put the
     # object file under build/<absolute path>/).
-    sources=["native/vring.c", "native/net.c"],
+    sources=["native/guard.c", "native/vring.c", "native/net.c"],
     include_dirs=[str(HERE)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror"],
 )
 
 if __name__ == "__main__":
     ffibuilder.compile(tmpdir=str(HERE.parent), verbose=True)
-    (HERE / "vring.o").unlink(missing_ok=True)  # build debris outside .gitignore
-    (HERE / "net.o").unlink(missing_ok=True)
+    for name in HEADERS:  # build debris outside .gitignore
+        (HERE / name.replace(".h", ".o")).unlink(missing_ok=True)

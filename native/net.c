@@ -25,6 +25,7 @@
 #define _DEFAULT_SOURCE
 #include <endian.h>
 #include <errno.h>
+#include <poll.h>
 #include <stddef.h>
 #include <string.h>
 #include <time.h>
@@ -40,7 +41,7 @@
 #define TCP_FIN 0x01
 #define TCP_PSH 0x08
 #define TCP_CWR 0x80
-#define GSO_MAX_SEGS 2048
+#define GSO_MAX_SEGS 2048              /* software segments of one GSO frame */
 #define MRG_NUM_BUFFERS_OFF 10u     /* offsetof(virtio_net_hdr_mrg_rxbuf, num_buffers) */
 #define RX_BATCH VU_NET_BATCH
 /* tx chains per pop: small batches pace the receivers (measured: 32 moves
@@ -174,13 +175,23 @@ static inline void prefetch_chains(const struct vu_mem *mem, const struct vu_cha
         prefetch_chain(mem, &chains[i], segs, rw);
 }
 
+/* Signal a call eventfd.  The front-end shares its file description and
+ * may have cleared O_NONBLOCK: a full counter would then block write(), so
+ * POLLOUT is asked first and a full counter is "already signalled".  The
+ * residual race (the counter filled between poll and write, on a
+ * description made blocking) is vuser/fds.py's. */
 static inline void notify(struct vu_vring *vr, int32_t fd, struct vu_net_stats *st)
 {
     static const uint64_t one = 1;
+    struct pollfd pfd;
 
     if (fd < 0 || vu_vring_need_notify(vr) <= 0)
         return;
-    /* EAGAIN: the counter is saturated, the guest is being signalled. */
+    pfd.fd = fd;
+    pfd.events = POLLOUT;
+    pfd.revents = 0;
+    if (poll(&pfd, 1, 0) != 1 || !(pfd.revents & POLLOUT))
+        return;
     if (write(fd, &one, sizeof one) == (ssize_t)sizeof one)
         st->notifies++;
 }
@@ -193,7 +204,7 @@ static inline int ring_usable(const struct vu_vring *vr)
 /* Give back the last n chains popped from vr (none was published). */
 static void rewind_avail(struct vu_vring *vr, uint32_t n)
 {
-    if (!n)
+    if (!n || vr->broken)                   /* a broken ring is never read again */
         return;
     vr->last_avail_idx = (uint16_t)(vr->last_avail_idx - n);
     /* vu_vring_pop moved avail_event past them; put it back. */
@@ -232,7 +243,7 @@ static const struct vu_chain *rxc_take(struct vu_net_switch *sw, struct vu_vring
             want = 1;
         if (want > RX_BATCH)
             want = RX_BATCH;
-        *rc = vu_vring_pop(vr, mem, sw->rx_chains, want, sw->rx_segs, VU_NET_SEGS, &nc, &ns);
+        *rc = vu_vring_pop(vr, mem, sw->rx_chains, want, sw->rx_segs, VU_NET_SEGS, UINT64_MAX, &nc, &ns);
         sw->rxc_next = 0;
         sw->rxc_count = nc;
         if (nc == 0)
@@ -283,45 +294,122 @@ static void rx_flush(struct vu_net_switch *sw)
 
 /* ------------------------------------------------------------ fdb */
 
-static inline uint32_t mac_hash(const uint8_t *m)
-{
-    uint32_t h = ((uint32_t)m[0] << 8 | m[1]) * 0x9E3779B1u;
+#define FDB_SETS (VU_NET_FDB_SIZE / VU_NET_FDB_WAYS)
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                        \
+    do {                                                                \
+        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);       \
+        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                          \
+        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                          \
+        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);       \
+    } while (0)
 
-    h ^= (uint32_t)m[2] << 24 | (uint32_t)m[3] << 16 | (uint32_t)m[4] << 8 | m[5];
-    h ^= h >> 16;
-    h *= 0x85EBCA6Bu;
-    h ^= h >> 13;
-    return h & (VU_NET_FDB_SIZE - 1);
+/* SipHash-1-3 of a 6-byte address under the switch's key: the set an
+ * address lives in cannot be chosen by a guest that does not know the key. */
+static inline uint32_t mac_set(const struct vu_net_switch *sw, const uint8_t *m)
+{
+    uint64_t v0 = 0x736f6d6570736575ULL ^ sw->fdb_key[0];
+    uint64_t v1 = 0x646f72616e646f6dULL ^ sw->fdb_key[1];
+    uint64_t v2 = 0x6c7967656e657261ULL ^ sw->fdb_key[0];
+    uint64_t v3 = 0x7465646279746573ULL ^ sw->fdb_key[1];
+    uint64_t b = (uint64_t)6 << 56 | (uint64_t)m[5] << 40 | (uint64_t)m[4] << 32 | (uint64_t)m[3] << 24 |
+                 (uint64_t)m[2] << 16 | (uint64_t)m[1] << 8 | m[0];
+
+    v3 ^= b;
+    SIPROUND;
+    v0 ^= b;
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return (uint32_t)((v0 ^ v1 ^ v2 ^ v3) & (FDB_SETS - 1));
 }
 
+static struct vu_net_fdb_entry *fdb_find(struct vu_net_switch *sw, const uint8_t *mac)
+{
+    struct vu_net_fdb_entry *e = &sw->fdb[mac_set(sw, mac) * VU_NET_FDB_WAYS];
+
+    for (uint32_t w = 0; w < VU_NET_FDB_WAYS; w++)
+        if (e[w].port && memcmp(e[w].mac, mac, 6) == 0)
+            return &e[w];
+    return NULL;
+}
+
+static inline struct vu_net_port *port_at(const struct vu_net_switch *sw, uint32_t i)
+{
+    if (i >= sw->nports || i >= VU_NET_MAX_PORTS)
+        return NULL;
+    return sw->ports[i];
+}
+
+static void fdb_count(struct vu_net_switch *sw, uint16_t port1, int delta)
+{
+    struct vu_net_port *p = port1 ? port_at(sw, port1 - 1u) : NULL;
+
+    if (p)
+        p->learned = (uint32_t)((int64_t)p->learned + delta);
+}
+
+/* Learn that `mac` is behind `port` (see net.h: hold-down, learn limit). */
 static void fdb_learn(struct vu_net_switch *sw, const uint8_t *mac, uint32_t port)
 {
-    struct vu_net_fdb_entry *e;
+    struct vu_net_port *p = sw->ports[port];
+    struct vu_net_fdb_entry *e, *set, *victim;
 
     if (mac[0] & 1)                         /* group addresses are never sources */
         return;
-    e = &sw->fdb[mac_hash(mac)];
-    if (e->port == port + 1 && memcmp(e->mac, mac, 6) == 0)
+    e = fdb_find(sw, mac);
+    if (e && e->port == port + 1) {
+        e->seen_ms = sw->now_ms;
         return;
-    memcpy(e->mac, mac, 6);
+    }
+    if (!sw->force_learn) {
+        if (e && sw->now_ms - e->seen_ms < sw->hold_down_ms) {
+            p->stats.moves_held++;          /* still alive where it is: do not move it */
+            return;
+        }
+        if (p->learn_limit && p->learned >= p->learn_limit) {
+            p->stats.learn_refused++;
+            return;
+        }
+    }
+    if (!e) {
+        set = &sw->fdb[mac_set(sw, mac) * VU_NET_FDB_WAYS];
+        victim = &set[0];
+        for (uint32_t w = 0; w < VU_NET_FDB_WAYS; w++) {
+            if (!set[w].port) {
+                victim = &set[w];
+                break;
+            }
+            if (set[w].seen_ms < victim->seen_ms)
+                victim = &set[w];
+        }
+        e = victim;
+        memcpy(e->mac, mac, 6);
+    }
+    fdb_count(sw, e->port, -1);
     e->port = (uint16_t)(port + 1);
+    e->seen_ms = sw->now_ms;
+    fdb_count(sw, e->port, 1);
     sw->learned++;
 }
 
 int vu_net_fdb_lookup(const struct vu_net_switch *sw, const uint8_t *mac)
 {
-    const struct vu_net_fdb_entry *e = &sw->fdb[mac_hash(mac)];
+    const struct vu_net_fdb_entry *e = fdb_find((struct vu_net_switch *)sw, mac);
 
-    if (e->port && memcmp(e->mac, mac, 6) == 0)
-        return e->port - 1;
-    return -1;
+    return e ? e->port - 1 : -1;
 }
 
 void vu_net_fdb_flush_port(struct vu_net_switch *sw, uint32_t port)
 {
+    struct vu_net_port *p = port_at(sw, port);
+
     for (uint32_t i = 0; i < VU_NET_FDB_SIZE; i++)
         if (sw->fdb[i].port == port + 1)
             sw->fdb[i].port = 0;
+    if (p)
+        p->learned = 0;
 }
 
 /* ------------------------------------------------------------ pcap */
@@ -485,13 +573,16 @@ static int deliver_vhost(struct vu_net_switch *sw, struct vu_net_port *d, uint32
     uint8_t *src = frame - hdr_len;
     uint32_t need = hdr_len + len, have = 0, nchains = 0, cap;
     struct vu_vring *vr;
-    int q = pick_rx(d, src_qp);
+    int q;
 
+    if (d->faulted)
+        return VU_NET_DROP_FAULT;
+    q = pick_rx(d, src_qp);
     if (q < 0)
         return VU_NET_DROP_NO_BUFFER;
     vr = d->rx[q];
     if (vr->broken)
-        return VU_NET_DROP_RING_ERROR;
+        return vr->error == VU_ERR_FAULT ? VU_NET_DROP_FAULT : VU_NET_DROP_RING_ERROR;
     /* Frames that find no buffer are dropped, never held, so a kick saying
      * buffers were added is of no use: spare the guest the exits (vhost-net
      * keeps rx notifications off the same way).  A kick re-enables them
@@ -687,7 +778,8 @@ static uint32_t gso_segment(const uint8_t *f, const struct gso_layout *g, uint32
 static int deliver_segmented(struct vu_net_switch *sw, struct vu_net_port **dsts, uint32_t ndst,
                              uint32_t src_qp, uint8_t *frame, uint32_t len, const struct vnet_hdr *h)
 {
-    static const struct vnet_hdr plain;     /* complete checksums, no GSO */
+    /* vuser computed every checksum of a segment itself: DATA_VALID */
+    static const struct vnet_hdr plain = { .flags = VU_NET_HDR_F_DATA_VALID };
     uint8_t *out = sw->seg_scratch + VU_NET_HDR_MAX;
     struct gso_layout g;
     uint32_t payload, k = 0;
@@ -703,6 +795,9 @@ static int deliver_segmented(struct vu_net_switch *sw, struct vu_net_port **dsts
         uint32_t n = payload - off < h->gso_size ? payload - off : h->gso_size;
         uint32_t seg_len = gso_segment(frame, &g, off, n, k, off + n >= payload, out);
 
+        /* Software segments are work: each one, to each port, spends a
+         * unit of the call's budget (the frame is finished regardless). */
+        sw->units_left = sw->units_left > ndst ? sw->units_left - ndst : 0;
         for (uint32_t i = 0; i < ndst; i++) {
             if (seg_len > dsts[i]->max_frame) {
                 dsts[i]->stats.drops[VU_NET_DROP_TOO_BIG]++;
@@ -760,13 +855,6 @@ static void deliver_all(struct vu_net_switch *sw, struct vu_net_port *src, struc
 
 /* ------------------------------------------------------------ switching */
 
-static inline struct vu_net_port *port_at(const struct vu_net_switch *sw, uint32_t i)
-{
-    if (i >= sw->nports || i >= VU_NET_MAX_PORTS)
-        return NULL;
-    return sw->ports[i];
-}
-
 /* Switch the frame at scratch + VU_NET_HDR_MAX (len bytes) that port src
  * sent from queue pair src_qp with header h (checked). */
 static void switch_frame(struct vu_net_switch *sw, uint32_t src, uint32_t src_qp, uint32_t len,
@@ -780,6 +868,10 @@ static void switch_frame(struct vu_net_switch *sw, uint32_t src, uint32_t src_qp
 
     if (len < ETH_HLEN) {
         s->stats.drops[VU_NET_DROP_RUNT]++;
+        return;
+    }
+    if (s->mac_locked && memcmp(frame + 6, s->mac, 6) != 0) {
+        s->stats.drops[VU_NET_DROP_SPOOFED]++;
         return;
     }
     /* A GSO frame is as big as the payload the guest handed over (64 KiB
@@ -833,7 +925,120 @@ static void switch_frame(struct vu_net_switch *sw, uint32_t src, uint32_t src_qp
 
 /* ------------------------------------------------------------ entry points */
 
-static int tx_one_ring(struct vu_net_switch *sw, uint32_t port, uint32_t qp, uint32_t budget)
+/* After a SIGBUS in guest memory (guard.h): every port whose memory
+ * faulted is marked faulted, its rings broken with VU_ERR_FAULT, its
+ * pending receive elements and popped-ahead chains forgotten (they would
+ * be written to the memory that is gone); the frame in flight is counted
+ * as lost on each.  Other ports are untouched and go on. */
+static void net_fault(struct vu_net_switch *sw)
+{
+    uint32_t np = sw->nports < VU_NET_MAX_PORTS ? sw->nports : VU_NET_MAX_PORTS;
+
+    for (uint32_t i = 0; i < np; i++) {
+        struct vu_net_port *p = sw->ports[i];
+        uint32_t nq;
+
+        if (!p || p->faulted || p->kind != VU_NET_PORT_VHOST || !vu_guard_owner_faulted(p->guard_owner))
+            continue;
+        p->faulted = 1;
+        p->stats.drops[VU_NET_DROP_FAULT]++;
+        nq = p->nqp < VU_NET_MAX_QP ? p->nqp : VU_NET_MAX_QP;
+        for (uint32_t q = 0; q < nq; q++) {
+            struct vu_vring *rings[2] = { p->rx[q], p->tx[q] };
+
+            for (uint32_t k = 0; k < 2; k++) {
+                if (!rings[k])
+                    continue;
+                if (sw->rxc_vr == rings[k]) {
+                    sw->rxc_vr = NULL;
+                    sw->rxc_next = sw->rxc_count = 0;
+                }
+                rings[k]->broken = 1;
+                rings[k]->error = VU_ERR_FAULT;
+            }
+            p->rx_pending[q] = 0;
+        }
+    }
+}
+
+static inline void spend(struct vu_net_switch *sw, uint32_t bytes)
+{
+    sw->units_left = sw->units_left ? sw->units_left - 1 : 0;
+    sw->bytes_left = sw->bytes_left > bytes ? sw->bytes_left - bytes : 0;
+}
+
+/* Move the frame of tx chain k of the batch (nc chains) of port p. */
+static void tx_frame(struct vu_net_switch *sw, struct vu_net_port *p, uint32_t port, uint32_t qp,
+                     uint8_t *hdr, uint32_t hdr_len, uint32_t k, uint32_t nc)
+{
+    const struct vu_chain *c = &sw->chains[k];
+    struct vnet_hdr h;
+    uint32_t flen;
+
+    sw->tx_used[k].id = c->head;
+    sw->tx_used[k].len = 0;
+    sw->rx_hint = nc - k;
+    if (k + PREFETCH_AHEAD < nc)
+        prefetch_chain(p->mem, &sw->chains[k + PREFETCH_AHEAD], sw->segs, 0);
+    p->stats.tx_packets++;
+    spend(sw, c->out_len);
+    if (c->out_len < hdr_len) {
+        p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
+        return;
+    }
+    flen = c->out_len - hdr_len;
+    if (flen > VU_NET_FRAME_MAX) {
+        p->stats.drops[VU_NET_DROP_TOO_BIG]++;
+        return;
+    }
+    if (gather(p->mem, sw->segs + c->first_seg, c->nsegs, hdr, c->out_len) != c->out_len) {
+        p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
+        return;
+    }
+    p->stats.tx_bytes += flen;
+    parse_hdr(hdr, &h);
+    /* A driver may only ask for a checksum (NEEDS_CSUM); DATA_VALID and
+     * the rest are the device's to set (virtio spec 5.1.6.2.1). */
+    h.flags &= VU_NET_HDR_F_NEEDS_CSUM;
+    if (!header_ok(&h, p->tx_offloads, flen)) {
+        p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
+        return;
+    }
+    switch_frame(sw, port, qp, flen, &h);
+}
+
+/* The frames of one popped batch, in a guard frame that resumes with the
+ * next frame after a fault in another port's memory.  Returns how many
+ * chains were handled (the rest, over the budget, are given back by the
+ * caller); stops early when the sender's own memory faulted. */
+static uint32_t tx_batch(struct vu_net_switch *sw, struct vu_net_port *p, uint32_t port, uint32_t qp,
+                         uint8_t *hdr, uint32_t hdr_len, uint32_t nc)
+{
+    struct vu_guard_frame g;
+    volatile uint32_t i = 0;
+
+    while (i < nc) {
+        if (VU_GUARD_BEGIN(g)) {
+            VU_GUARD_END(g);
+            net_fault(sw);
+            if (p->faulted)
+                return i;
+            sw->tx_used[i].id = sw->chains[i].head;  /* the frame is lost; the chain goes back */
+            sw->tx_used[i].len = 0;
+            i++;
+            continue;
+        }
+        while (i < nc && sw->units_left && sw->bytes_left) {
+            tx_frame(sw, p, port, qp, hdr, hdr_len, i, nc);
+            i++;
+        }
+        VU_GUARD_END(g);
+        break;
+    }
+    return i;
+}
+
+static int tx_one_ring(struct vu_net_switch *sw, uint32_t port, uint32_t qp)
 {
     struct vu_net_port *p = sw->ports[port];
     struct vu_vring *tx = p->tx[qp];
@@ -842,128 +1047,137 @@ static int tx_one_ring(struct vu_net_switch *sw, uint32_t port, uint32_t qp, uin
     uint32_t total = 0;
     int err = 0;
 
-    if (!ring_usable(tx))
+    if (!ring_usable(tx) || p->faulted)
         return 0;
-    for (;;) {
-        uint32_t want = TX_BATCH, nc = 0, ns = 0;
+    while (sw->units_left && sw->bytes_left) {
+        uint32_t want = TX_BATCH, nc = 0, ns = 0, done;
         int rc;
 
-        if (budget) {
-            if (total >= budget)
-                break;
-            if (budget - total < want)
-                want = budget - total;
-        }
-        rc = vu_vring_pop(tx, p->mem, sw->chains, want, sw->segs, VU_NET_SEGS, &nc, &ns);
+        if (sw->units_left < want)
+            want = (uint32_t)sw->units_left;
+        rc = vu_vring_pop(tx, p->mem, sw->chains, want, sw->segs, VU_NET_SEGS, UINT64_MAX, &nc, &ns);
         prefetch_chains(p->mem, sw->chains, 0, PREFETCH_AHEAD, nc, sw->segs, 0);
-        for (uint32_t i = 0; i < nc; i++) {
-            const struct vu_chain *c = &sw->chains[i];
-            struct vnet_hdr h;
-            uint32_t flen;
-
-            sw->tx_used[i].id = c->head;
-            sw->tx_used[i].len = 0;
-            sw->rx_hint = nc - i;
-            if (i + PREFETCH_AHEAD < nc)
-                prefetch_chain(p->mem, &sw->chains[i + PREFETCH_AHEAD], sw->segs, 0);
-            p->stats.tx_packets++;
-            if (c->out_len < hdr_len) {
-                p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
-                continue;
-            }
-            flen = c->out_len - hdr_len;
-            if (flen > VU_NET_FRAME_MAX) {
-                p->stats.drops[VU_NET_DROP_TOO_BIG]++;
-                continue;
-            }
-            if (gather(p->mem, sw->segs + c->first_seg, c->nsegs, hdr, c->out_len) != c->out_len) {
-                p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
-                continue;
-            }
-            p->stats.tx_bytes += flen;
-            parse_hdr(hdr, &h);
-            if (!header_ok(&h, p->tx_offloads, flen)) {
-                p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
-                continue;
-            }
-            switch_frame(sw, port, qp, flen, &h);
+        done = tx_batch(sw, p, port, qp, hdr, hdr_len, nc);
+        if (p->faulted) {                   /* its own memory is gone: touch nothing of it */
+            err = VU_ERR_FAULT;
+            break;
         }
-        if (nc)
-            vu_vring_push(tx, sw->tx_used, nc);
+        if (done < nc)                      /* over the budget: given back, never published */
+            rewind_avail(tx, nc - done);
+        if (done)
+            vu_vring_push(tx, sw->tx_used, done);
         /* Publish what was received per batch: the receiving side
          * (another CPU) refills its ring while we go on. */
         rx_flush(sw);
-        total += nc;
+        total += done;
         if (rc < 0) {
             err = rc;
             break;
         }
-        if (nc == 0)
+        if (nc == 0 || done < nc)
             break;
     }
     rx_flush(sw);
-    if (total)
+    if (total && !p->faulted)
         notify(tx, p->tx_call[qp], &p->stats);
     return err ? err : (int)total;
 }
 
-int vu_net_tx_burst(struct vu_net_switch *sw, uint32_t port, uint32_t qp, uint32_t budget)
+static inline uint64_t now_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+/* What every entry point does first: the call's budget and clock. */
+static void begin_call(struct vu_net_switch *sw, uint64_t units, uint64_t bytes)
+{
+    sw->units_left = units ? units : UINT64_MAX;
+    sw->bytes_left = bytes ? bytes : UINT64_MAX;
+    sw->now_ms = now_us() / 1000u;
+}
+
+int vu_net_tx_burst(struct vu_net_switch *sw, uint32_t port, uint32_t qp, uint32_t units, uint64_t bytes)
 {
     struct vu_net_port *p = port_at(sw, port);
 
     if (!p || p->kind != VU_NET_PORT_VHOST || qp >= p->nqp || qp >= VU_NET_MAX_QP)
         return VU_NET_ERR_PORT;
-    return tx_one_ring(sw, port, qp, budget);
+    begin_call(sw, units, bytes);
+    return tx_one_ring(sw, port, qp);
 }
 
-int vu_net_fd_rx(struct vu_net_switch *sw, uint32_t port, uint32_t budget)
+/* Frames from fd port p until EAGAIN or the budget, in a guard frame that
+ * resumes with the next frame after a fault in a receiver's memory. */
+static int fd_rx(struct vu_net_switch *sw, uint32_t port)
 {
-    struct vu_net_port *p = port_at(sw, port);
-    uint32_t total = 0;
-    int err = 0;
+    struct vu_net_port *p = sw->ports[port];
+    struct vu_guard_frame g;
+    volatile uint32_t total = 0;
+    volatile int err = 0;
 
-    if (!p || p->kind != VU_NET_PORT_FD)
-        return VU_NET_ERR_PORT;
-    while (!budget || total < budget) {
-        ssize_t n = read(p->fd, sw->scratch, VU_NET_HDR_MAX + VU_NET_FRAME_MAX);
-        struct vnet_hdr h;
-        uint32_t flen;
+    for (;;) {
+        if (VU_GUARD_BEGIN(g)) {
+            VU_GUARD_END(g);
+            net_fault(sw);                  /* the frame is lost; go on with the next */
+            continue;
+        }
+        while (sw->units_left && sw->bytes_left) {
+            ssize_t n = read(p->fd, sw->scratch, VU_NET_HDR_MAX + VU_NET_FRAME_MAX);
+            struct vnet_hdr h;
+            uint32_t flen;
 
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK) {
-                p->fd_errno = errno;
-                err = VU_NET_ERR_IO;
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                    p->fd_errno = errno;
+                    err = VU_NET_ERR_IO;
+                }
+                break;
             }
-            break;
+            if (n == 0)
+                break;
+            total++;
+            spend(sw, (uint32_t)n);
+            p->stats.tx_packets++;
+            if ((size_t)n < VU_NET_HDR_MAX) {
+                p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
+                continue;
+            }
+            flen = (uint32_t)n - VU_NET_HDR_MAX;
+            p->stats.tx_bytes += flen;
+            parse_hdr(sw->scratch, &h);
+            if (!header_ok(&h, p->tx_offloads, flen)) {
+                p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
+                continue;
+            }
+            sw->rx_hint = 1;
+            switch_frame(sw, port, 0, flen, &h);
+            /* Publish as we go: a tap can deliver frames for a long time. */
+            if ((total & (VU_NET_BATCH - 1)) == 0)
+                rx_flush(sw);
         }
-        if (n == 0)
-            break;
-        total++;
-        p->stats.tx_packets++;
-        if ((size_t)n < VU_NET_HDR_MAX) {
-            p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
-            continue;
-        }
-        flen = (uint32_t)n - VU_NET_HDR_MAX;
-        p->stats.tx_bytes += flen;
-        parse_hdr(sw->scratch, &h);
-        if (!header_ok(&h, p->tx_offloads, flen)) {
-            p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
-            continue;
-        }
-        sw->rx_hint = 1;
-        switch_frame(sw, port, 0, flen, &h);
-        /* Publish as we go: a tap can deliver frames for a long time. */
-        if ((total & (VU_NET_BATCH - 1)) == 0)
-            rx_flush(sw);
+        VU_GUARD_END(g);
+        break;
     }
     rx_flush(sw);
     return err ? err : (int)total;
 }
 
-static uint32_t poll_round(struct vu_net_switch *sw, uint32_t budget)
+int vu_net_fd_rx(struct vu_net_switch *sw, uint32_t port, uint32_t units, uint64_t bytes)
+{
+    struct vu_net_port *p = port_at(sw, port);
+
+    if (!p || p->kind != VU_NET_PORT_FD)
+        return VU_NET_ERR_PORT;
+    begin_call(sw, units, bytes);
+    return fd_rx(sw, port);
+}
+
+static uint32_t poll_round(struct vu_net_switch *sw)
 {
     uint32_t total = 0;
 
@@ -976,12 +1190,12 @@ static uint32_t poll_round(struct vu_net_switch *sw, uint32_t budget)
         if (p->kind == VU_NET_PORT_VHOST) {
             uint32_t nq = p->nqp < VU_NET_MAX_QP ? p->nqp : VU_NET_MAX_QP;
             for (uint32_t q = 0; q < nq; q++) {
-                n = tx_one_ring(sw, i, q, budget);
+                n = tx_one_ring(sw, i, q);
                 if (n > 0)
                     total += (uint32_t)n;
             }
         } else if (p->kind == VU_NET_PORT_FD) {
-            n = vu_net_fd_rx(sw, i, budget);
+            n = fd_rx(sw, i);
             if (n > 0)
                 total += (uint32_t)n;
         }
@@ -989,26 +1203,21 @@ static uint32_t poll_round(struct vu_net_switch *sw, uint32_t budget)
     return total;
 }
 
-static inline uint64_t now_us(void)
+int vu_net_poll(struct vu_net_switch *sw, uint32_t units, uint32_t spin_us)
 {
-    struct timespec ts;
+    uint64_t total = 0, idle_since;
 
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
-
-int vu_net_poll(struct vu_net_switch *sw, uint32_t budget, uint32_t spin_us)
-{
-    uint64_t total = 0, idle_since = spin_us ? now_us() : 0;
-
+    begin_call(sw, units, 0);
+    idle_since = spin_us ? now_us() : 0;
     for (;;) {
-        uint32_t n = poll_round(sw, budget);
+        uint32_t n = poll_round(sw);
 
         total += n;
-        if (!spin_us || (budget && total >= budget))
+        if (!spin_us || !sw->units_left)
             break;
         if (n) {
             idle_since = now_us();
+            sw->now_ms = idle_since / 1000u;
         } else if (now_us() - idle_since >= spin_us) {
             break;
         }
@@ -1019,16 +1228,28 @@ int vu_net_poll(struct vu_net_switch *sw, uint32_t budget, uint32_t spin_us)
 int vu_net_inject(struct vu_net_switch *sw, uint32_t port, const uint8_t *frame, uint32_t len)
 {
     struct vu_net_port *p = port_at(sw, port);
+    struct vu_guard_frame g;
     struct vnet_hdr h;
 
     if (!p || len > VU_NET_FRAME_MAX)
         return VU_NET_ERR_PORT;
+    begin_call(sw, 0, 0);
     memset(&h, 0, sizeof h);
     memcpy(sw->scratch + VU_NET_HDR_MAX, frame, len);
     p->stats.tx_packets++;
     p->stats.tx_bytes += len;
     sw->rx_hint = 1;
-    switch_frame(sw, port, 0, len, &h);
+    /* SEND_RARP: the guest is on this port now (it migrated here), so its
+     * address moves at once, whatever the hold-down. */
+    sw->force_learn = 1;
+    if (VU_GUARD_BEGIN(g)) {
+        VU_GUARD_END(g);
+        net_fault(sw);
+    } else {
+        switch_frame(sw, port, 0, len, &h);
+        VU_GUARD_END(g);
+    }
+    sw->force_learn = 0;
     rx_flush(sw);
     return 0;
 }

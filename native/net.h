@@ -33,7 +33,28 @@
  * software: the checksum completed in place, the GSO frame cut into
  * segments with their IP and TCP headers and checksums fixed.  Anything
  * else in a header (offloads not negotiated, UDP/ECN GSO, checksum
- * offsets outside the frame) is a VU_NET_DROP_BAD_HEADER.
+ * offsets outside the frame) is a VU_NET_DROP_BAD_HEADER.  Of the header
+ * flags a guest sends only NEEDS_CSUM is kept: a driver must not set
+ * DATA_VALID (spec 5.1.6.2.1), and vuser sets it only on frames whose
+ * checksum it completed or computed itself.
+ *
+ * Work per call is bounded (issue 9): a budget of units (one per frame
+ * taken, plus one per software segment per destination) and of bytes;
+ * tx chains popped beyond it are given back.
+ *
+ * Switch hygiene: the forwarding table is 4-way set-associative under a
+ * keyed hash (SipHash-1-3, key from Python), so no frame can aim at a
+ * victim's entry; a learned address moves to another port only after it
+ * was silent on its port for hold_down_ms (SEND_RARP's announcement moves
+ * it at once); a port learns at most learn_limit addresses; a port locked
+ * to a MAC drops frames from any other source (VU_NET_DROP_SPOOFED).
+ *
+ * Guest memory that shrinks under us: the frame loops run in guard frames
+ * (guard.h).  A fault in a port's memory marks that port faulted (its
+ * rings broken with VU_ERR_FAULT, never touched again, its pending receive
+ * elements dropped) and the frame being moved is lost (VU_NET_DROP_FAULT);
+ * the call goes on with the next frame unless the sending port itself
+ * faulted.  Python closes the faulted port's connection.
  */
 #ifndef VUSER_NET_H
 #define VUSER_NET_H
@@ -51,7 +72,8 @@
 #define VU_NET_SCRATCH_SIZE 65600   /* >= VU_NET_HDR_MAX + VU_NET_FRAME_MAX */
 #define VU_NET_BATCH 256            /* tx chains popped / rx used elements per batch */
 #define VU_NET_SEGS 2048
-#define VU_NET_FDB_SIZE 4096        /* learned MAC addresses (direct-mapped) */
+#define VU_NET_FDB_SIZE 4096        /* learned MAC addresses: 1024 sets of 4 */
+#define VU_NET_FDB_WAYS 4
 #define VU_NET_PCAP_REC_HDR 16
 
 /* struct vu_net_port.kind */
@@ -89,7 +111,9 @@
 #define VU_NET_DROP_FD_ERROR 8      /* write to the fd port failed (errno in fd_errno) */
 #define VU_NET_DROP_SINK 9          /* sink mode */
 #define VU_NET_DROP_BAD_GSO 10      /* a GSO frame that cannot be segmented (not TCP, bad headers) */
-#define VU_NET_DROP_REASONS 11
+#define VU_NET_DROP_FAULT 11        /* lost when a port's guest memory faulted (a region shrank) */
+#define VU_NET_DROP_SPOOFED 12      /* source MAC is not the MAC the port is locked to */
+#define VU_NET_DROP_REASONS 13
 
 #define VU_NET_ERR_PORT -100        /* port index out of range or wrong kind (caller error) */
 #define VU_NET_ERR_IO -101          /* read on an fd port failed; errno in fd_errno */
@@ -104,7 +128,9 @@ struct vu_net_stats {
     uint64_t tx_gso;                /* GSO frames taken from the port */
     uint64_t rx_segments;           /* segments made in software for the port (in rx_packets) */
     uint64_t rx_csum;               /* checksums completed in software for the port */
-    uint64_t drops[11];             /* VU_NET_DROP_* */
+    uint64_t learn_refused;         /* source addresses not learned: the port's learn_limit */
+    uint64_t moves_held;            /* source addresses not moved here: hold-down on another port */
+    uint64_t drops[13];             /* VU_NET_DROP_* */
 };
 
 struct vu_net_port {
@@ -117,7 +143,13 @@ struct vu_net_port {
     uint32_t nqp;                   /* entries of rx/tx/rx_call/tx_call in use */
     uint32_t tx_offloads;           /* VU_NET_OFF_*: what the port may send (HOST_* features) */
     uint32_t rx_offloads;           /* VU_NET_OFF_*: what may be delivered as is (GUEST_* features) */
-    uint32_t reserved;
+    uint32_t guard_owner;           /* the guard owner of its memory table (guard.h); 0: none */
+    uint32_t faulted;               /* its guest memory faulted: the port is never touched again */
+    uint32_t learned;               /* forwarding-table entries on this port */
+    uint32_t learn_limit;           /* most entries it may have (0: no limit) */
+    uint8_t mac[6];                 /* the port's MAC when mac_locked */
+    uint8_t mac_locked;             /* drop frames from other source MACs */
+    uint8_t reserved;
     const struct vu_mem *mem;       /* the port's memory table (vhost) */
     struct vu_vring *rx[16];        /* NULL: not running or disabled */
     struct vu_vring *tx[16];
@@ -131,6 +163,7 @@ struct vu_net_port {
 struct vu_net_fdb_entry {
     uint8_t mac[6];
     uint16_t port;                  /* port index + 1; 0 = empty */
+    uint64_t seen_ms;               /* last frame from it (now_ms of that call) */
 };
 
 struct vu_net_switch {
@@ -138,6 +171,10 @@ struct vu_net_switch {
     uint32_t nports;                /* ports[0, nports) may be used */
     struct vu_net_port *ports[32];
     struct vu_net_fdb_entry fdb[4096];
+    uint64_t fdb_key[2];            /* SipHash key: Python draws it at random */
+    uint64_t now_ms;                /* coarse clock (CLOCK_MONOTONIC), read once per call */
+    uint32_t hold_down_ms;          /* see the header comment; 0: addresses move at once */
+    uint32_t force_learn;           /* set during vu_net_inject: move at once */
     uint64_t flooded;               /* frames sent to every other port (unknown/multicast destination) */
     uint64_t segmented;             /* GSO frames segmented in software (for at least one port) */
     uint64_t learned;               /* fdb insertions or moves */
@@ -166,25 +203,29 @@ struct vu_net_switch {
     uint32_t rxc_count;
     uint32_t rx_hint;               /* frames left in the current tx batch */
     uint32_t rx_single;             /* destinations alternate: pop one at a time */
+    /* budget of the running call (see the header comment) */
+    uint64_t units_left;
+    uint64_t bytes_left;
 };
 
-/* Drain tx ring qp of vhost port `port` (at most `budget` frames; 0 = no
- * limit).  Returns the number of chains consumed (>= 0) or a VU_ERR_* from
- * the ring after moving the good chains before the fault (the ring is then
- * broken), or VU_NET_ERR_PORT. */
-int vu_net_tx_burst(struct vu_net_switch *sw, uint32_t port, uint32_t qp, uint32_t budget);
+/* Drain tx ring qp of vhost port `port` within a budget of `units` and
+ * `bytes` (0 = no limit; see the header comment).  Returns the number of
+ * chains consumed (>= 0) or a VU_ERR_* from the ring after moving the good
+ * chains before the fault (the ring is then broken), VU_ERR_FAULT if the
+ * port's own memory faulted, or VU_NET_ERR_PORT. */
+int vu_net_tx_burst(struct vu_net_switch *sw, uint32_t port, uint32_t qp, uint32_t units, uint64_t bytes);
 
 /* Read and switch frames from fd port `port` until the fd has none
- * (EAGAIN) or `budget` frames were read.  Returns frames read, or
+ * (EAGAIN) or the budget is spent.  Returns frames read, or
  * VU_NET_ERR_IO / VU_NET_ERR_PORT. */
-int vu_net_fd_rx(struct vu_net_switch *sw, uint32_t port, uint32_t budget);
+int vu_net_fd_rx(struct vu_net_switch *sw, uint32_t port, uint32_t units, uint64_t bytes);
 
 /* Busy-poll: every tx ring of every vhost port and every fd port, in
  * rounds, until a round finds nothing and spin_us microseconds passed
- * since the last frame (spin_us = 0: one round), or `budget` frames
- * (0 = no limit) were moved.  Returns the frames moved (ring errors are
- * left in the rings' state). */
-int vu_net_poll(struct vu_net_switch *sw, uint32_t budget, uint32_t spin_us);
+ * since the last frame (spin_us = 0: one round), or `units` (0 = no
+ * limit) were spent.  Returns the frames moved (ring errors are left in
+ * the rings' state). */
+int vu_net_poll(struct vu_net_switch *sw, uint32_t units, uint32_t spin_us);
 
 /* Send `len` bytes (an Ethernet frame) into the switch as if port `port`
  * had sent it (SEND_RARP's announcement).  Returns 0 or VU_NET_ERR_PORT;

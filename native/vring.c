@@ -82,11 +82,11 @@ int vu_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
 static inline uint64_t avail_size(uint32_t num) { return 6 + 2 * (uint64_t)num; }
 static inline uint64_t used_size(uint32_t num) { return 6 + 8 * (uint64_t)num; }
 
-int vu_vring_init(struct vu_vring *vr, uint32_t num,
-                  uint8_t *desc, uint64_t desc_len,
-                  uint8_t *avail, uint64_t avail_len,
-                  uint8_t *used, uint64_t used_len,
-                  int event_idx, uint16_t last_avail_idx)
+static int vring_init(struct vu_vring *vr, uint32_t num,
+                      uint8_t *desc, uint64_t desc_len,
+                      uint8_t *avail, uint64_t avail_len,
+                      uint8_t *used, uint64_t used_len,
+                      int event_idx, uint16_t last_avail_idx)
 {
     if (num == 0 || num > VU_MAX_QUEUE_SIZE || (num & (num - 1)) != 0)
         return VU_ERR_NUM;
@@ -133,7 +133,7 @@ static int walk_chain(const struct vu_vring *vr, const struct vu_mem *mem, uint1
     const uint8_t *table = vr->desc;
     uint32_t max = vr->num;
     uint32_t i = head;
-    uint32_t visited = 0;
+    uint32_t visited = 0, total = 0;
     uint32_t nsegs = 0, nread = 0;
     uint64_t out_len = 0, in_len = 0;
     int indirect = 0, seen_write = 0;
@@ -166,6 +166,8 @@ static int walk_chain(const struct vu_vring *vr, const struct vu_mem *mem, uint1
             continue;
         }
 
+        if (++total > VU_MAX_CHAIN_DESCS)
+            return VU_ERR_CHAIN_DESCS;
         if (d.flags & VU_DESC_F_WRITE)
             seen_write = 1;
         else if (seen_write)
@@ -220,12 +222,13 @@ static int walk_chain(const struct vu_vring *vr, const struct vu_mem *mem, uint1
     return 0;
 }
 
-int vu_vring_pop(struct vu_vring *vr, const struct vu_mem *mem,
-                 struct vu_chain *chains, uint32_t max_chains,
-                 struct vu_seg *segs, uint32_t max_segs,
-                 uint32_t *n_chains, uint32_t *n_segs)
+static int vring_pop(struct vu_vring *vr, const struct vu_mem *mem,
+                     struct vu_chain *chains, uint32_t max_chains,
+                     struct vu_seg *segs, uint32_t max_segs, uint64_t max_bytes,
+                     uint32_t *n_chains, uint32_t *n_segs)
 {
     uint32_t nc = 0, ns = 0;
+    uint64_t bytes = 0;
     uint16_t avail_idx, start = vr->last_avail_idx;
     uint32_t pending;
     int rc = 0;
@@ -267,6 +270,9 @@ int vu_vring_pop(struct vu_vring *vr, const struct vu_mem *mem,
             rc = w;
             goto broken;
         }
+        if (nc > 0 && bytes + chains[nc].out_len + chains[nc].in_len > max_bytes)
+            break;                          /* over the byte budget: not consumed */
+        bytes += (uint64_t)chains[nc].out_len + chains[nc].in_len;
         chains[nc].first_seg = ns;
         ns += chains[nc].nsegs;
         nc++;
@@ -286,7 +292,7 @@ out:
     return rc;
 }
 
-int vu_vring_push(struct vu_vring *vr, const struct vu_used_elem *elems, uint32_t n)
+static int vring_push(struct vu_vring *vr, const struct vu_used_elem *elems, uint32_t n)
 {
     uint16_t old, new_idx;
 
@@ -319,7 +325,7 @@ int vu_vring_push(struct vu_vring *vr, const struct vu_used_elem *elems, uint32_
     return 0;
 }
 
-int vu_vring_need_notify(struct vu_vring *vr)
+static int vring_need_notify(struct vu_vring *vr)
 {
     uint16_t old, new_idx, used_event;
     int valid;
@@ -339,7 +345,7 @@ int vu_vring_need_notify(struct vu_vring *vr)
     return !valid || vu_need_event(used_event, new_idx, old);
 }
 
-void vu_vring_set_notification(struct vu_vring *vr, int enable)
+static void vring_set_notification(struct vu_vring *vr, int enable)
 {
     if (vr->num == 0)
         return;
@@ -360,7 +366,7 @@ void vu_vring_set_notification(struct vu_vring *vr, int enable)
         FENCE_FULL();
 }
 
-int vu_vring_avail_pending(struct vu_vring *vr)
+static int vring_avail_pending(struct vu_vring *vr)
 {
     uint16_t idx;
 
@@ -369,4 +375,114 @@ int vu_vring_avail_pending(struct vu_vring *vr)
     idx = ld16(vr->avail + 2);
     FENCE_ACQUIRE();
     return idx != vr->last_avail_idx;
+}
+
+/* ------------------------------------------------------------ guarded entry points
+ *
+ * A SIGBUS in guest memory (the front-end shrank the file behind a region)
+ * lands in the frame of the function that was running: the ring is marked
+ * broken with VU_ERR_FAULT and the function returns it (guard.h).
+ */
+
+static void faulted(struct vu_vring *vr)
+{
+    vr->broken = 1;
+    vr->error = VU_ERR_FAULT;
+}
+
+int vu_vring_init(struct vu_vring *vr, uint32_t num,
+                  uint8_t *desc, uint64_t desc_len,
+                  uint8_t *avail, uint64_t avail_len,
+                  uint8_t *used, uint64_t used_len,
+                  int event_idx, uint16_t last_avail_idx)
+{
+    struct vu_guard_frame g;
+    int rc;
+
+    if (VU_GUARD_BEGIN(g)) {
+        VU_GUARD_END(g);
+        vr->num = 0;                        /* unusable until a good init */
+        return VU_ERR_FAULT;
+    }
+    rc = vring_init(vr, num, desc, desc_len, avail, avail_len, used, used_len, event_idx, last_avail_idx);
+    VU_GUARD_END(g);
+    return rc;
+}
+
+int vu_vring_pop(struct vu_vring *vr, const struct vu_mem *mem,
+                 struct vu_chain *chains, uint32_t max_chains,
+                 struct vu_seg *segs, uint32_t max_segs, uint64_t max_bytes,
+                 uint32_t *n_chains, uint32_t *n_segs)
+{
+    struct vu_guard_frame g;
+    int rc;
+
+    if (VU_GUARD_BEGIN(g)) {
+        VU_GUARD_END(g);
+        faulted(vr);
+        *n_chains = 0;                      /* chains popped before the fault are lost with the ring */
+        *n_segs = 0;
+        return VU_ERR_FAULT;
+    }
+    rc = vring_pop(vr, mem, chains, max_chains, segs, max_segs, max_bytes, n_chains, n_segs);
+    VU_GUARD_END(g);
+    return rc;
+}
+
+int vu_vring_push(struct vu_vring *vr, const struct vu_used_elem *elems, uint32_t n)
+{
+    struct vu_guard_frame g;
+    int rc;
+
+    if (VU_GUARD_BEGIN(g)) {
+        VU_GUARD_END(g);
+        faulted(vr);
+        return VU_ERR_FAULT;
+    }
+    rc = vring_push(vr, elems, n);
+    VU_GUARD_END(g);
+    return rc;
+}
+
+int vu_vring_need_notify(struct vu_vring *vr)
+{
+    struct vu_guard_frame g;
+    int rc;
+
+    if (VU_GUARD_BEGIN(g)) {
+        VU_GUARD_END(g);
+        faulted(vr);
+        return VU_ERR_FAULT;
+    }
+    rc = vring_need_notify(vr);
+    VU_GUARD_END(g);
+    return rc;
+}
+
+void vu_vring_set_notification(struct vu_vring *vr, int enable)
+{
+    struct vu_guard_frame g;
+
+    if (VU_GUARD_BEGIN(g)) {
+        VU_GUARD_END(g);
+        faulted(vr);
+        return;
+    }
+    vring_set_notification(vr, enable);
+    VU_GUARD_END(g);
+}
+
+int vu_vring_avail_pending(struct vu_vring *vr)
+{
+    struct vu_guard_frame g;
+    int rc;
+
+    if (VU_GUARD_BEGIN(g)) {
+        VU_GUARD_END(g);
+        faulted(vr);
+        return 0;
+    }
+    rc = vring_avail_pending(vr);
+    VU_GUARD_END(g);
+    return rc;
 }

@@ -28,6 +28,18 @@
  *   VU_MAX_INDIRECT entries.
  * - Loops: a walk visiting more descriptors than the table it walks holds
  *   (num for the ring's table, len/16 for an indirect one) is VU_ERR_LOOP.
+ * - Chain length: a chain of more than VU_MAX_CHAIN_DESCS buffer
+ *   descriptors (not counting the one that points at an indirect table;
+ *   zero-length ones included: they produce no segment, so the segment
+ *   space would not bound them) is VU_ERR_CHAIN_DESCS.  QEMU refuses the same (its
+ *   VIRTQUEUE_MAX_SIZE); Linux never makes one.
+ * - Byte budget: vu_vring_pop stops BEFORE a chain whose bytes (out_len +
+ *   in_len) would take the call's total past max_bytes, unless it is the
+ *   first chain of the call (that one is taken whole); the chain is not
+ *   consumed.  Callers bound the work of one pass with it.
+ * - Guest memory that shrinks under us (a truncated file): every function
+ *   here runs in a guard frame (guard.h); a SIGBUS in guest memory makes it
+ *   return VU_ERR_FAULT (or mark the ring broken with it).
  * - Segment space: vu_vring_pop stops BEFORE a chain that does not fit in
  *   the remaining segment space and returns 0 (the caller calls again with
  *   fresh space); the chain is not consumed.  If it is the first chain of
@@ -45,9 +57,12 @@
 
 #include <stdint.h>
 
+#include "guard.h"
+
 /* cdef-begin */
 
 #define VU_MAX_REGIONS 64
+#define VU_MAX_CHAIN_DESCS 1024   /* buffer descriptors in one chain (direct or indirect) */
 #define VU_MAX_QUEUE_SIZE 32768
 #define VU_MAX_INDIRECT 32768     /* entries in one indirect table */
 
@@ -75,6 +90,7 @@
 #define VU_ERR_INDIRECT_ADDR -11  /* indirect table not inside one region */
 #define VU_ERR_ORDER -12          /* device-readable descriptor after a device-writable one */
 #define VU_ERR_CHAIN_SEGS -13     /* one chain needs more than max_segs segments */
+#define VU_ERR_CHAIN_DESCS -14    /* one chain has more than VU_MAX_CHAIN_DESCS descriptors */
 #define VU_ERR_NOT_READY -20      /* ring not initialised (caller error) */
 #define VU_ERR_NUM -21            /* init: num not a power of 2 in 1..32768 (caller error) */
 #define VU_ERR_RING_SIZE -22      /* init: a ring area is shorter than the layout needs */
@@ -149,13 +165,13 @@ int vu_vring_init(struct vu_vring *vr, uint32_t num,
                   uint8_t *used, uint64_t used_len,
                   int event_idx, uint16_t last_avail_idx);
 
-/* Drain every available chain (up to max_chains / max_segs) in one call.
- * Writes *n_chains and *n_segs always.  Returns 0 or a VU_ERR_*. With
- * EVENT_IDX and notifications enabled, writes avail_event = last_avail_idx
- * once if any chain was consumed. */
+/* Drain every available chain (up to max_chains / max_segs / max_bytes)
+ * in one call.  Writes *n_chains and *n_segs always.  Returns 0 or a
+ * VU_ERR_*. With EVENT_IDX and notifications enabled, writes avail_event =
+ * last_avail_idx once if any chain was consumed. */
 int vu_vring_pop(struct vu_vring *vr, const struct vu_mem *mem,
                  struct vu_chain *chains, uint32_t max_chains,
-                 struct vu_seg *segs, uint32_t max_segs,
+                 struct vu_seg *segs, uint32_t max_segs, uint64_t max_bytes,
                  uint32_t *n_chains, uint32_t *n_segs);
 
 /* Write n used elements and publish used->idx once (release fence first). */

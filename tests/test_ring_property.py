@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from vuser.rings import NativeSplitRing, PySplitRing
-from vuser.rings.base import MAX_INDIRECT, PopResult, RingMemory
+from vuser.rings.base import MAX_INDIRECT, NO_BYTE_LIMIT, PopResult, RingMemory
 from vuser.rings.errors import ERROR_NAMES
 from vuser.rings.split_ref import DESC, U16, need_event, split_area_sizes
 from vuser.virtio import DescFlag
@@ -121,8 +121,9 @@ class GuardedNativeSplitRing(NativeSplitRing):
     past ``max_chains`` / ``max_segs``: a write beyond the limits shows.
     (NativeSplitRing.pop itself is compared in the façade test below.)"""
 
-    def pop(self, memory: RingMemory, max_chains: int, max_segs: int) -> PopResult:
-        return c_pop(self.native, memory.native, max_chains, max_segs)
+    def pop(self, memory: RingMemory, max_chains: int, max_segs: int,
+            max_bytes: int = NO_BYTE_LIMIT) -> PopResult:
+        return c_pop(self.native, memory.native, max_chains, max_segs, max_bytes)
 
 
 # (reference, candidate) ring classes per layout: the suite runs every
@@ -224,10 +225,11 @@ MUTATIONS = st.one_of(
     st.tuples(st.just("avail_rel"), st.integers(0, 34)),
     st.tuples(st.just("avail_abs"), U16S),
 )
+BYTES = st.one_of(st.just(NO_BYTE_LIMIT), st.integers(0, 600), st.sampled_from([1, 16, 4096, 2**32]))
 OPS = st.one_of(
-    st.tuples(st.just("pop"), st.integers(0, 40), st.integers(0, 40)),
-    st.tuples(st.just("pop"), st.integers(1, 40), st.integers(4, 64)),
-    st.tuples(st.just("pop"), st.just(64), st.just(256)),
+    st.tuples(st.just("pop"), st.integers(0, 40), st.integers(0, 40), BYTES),
+    st.tuples(st.just("pop"), st.integers(1, 40), st.integers(4, 64), BYTES),
+    st.tuples(st.just("pop"), st.just(64), st.just(256), st.just(NO_BYTE_LIMIT)),
     st.tuples(st.just("push"), st.integers(0, 33), st.integers(0, 2**32 - 1)),
     st.tuples(st.just("notify")),
     st.tuples(st.just("notification"), st.booleans()),
@@ -429,7 +431,7 @@ def state(ring: object) -> tuple[object, ...]:
     return (ring.num, tuple(sorted(ring.snapshot().items())))  # type: ignore[attr-defined]
 
 
-def c_pop(vr: object, mem: object, max_chains: int, max_segs: int) -> PopResult:
+def c_pop(vr: object, mem: object, max_chains: int, max_segs: int, max_bytes: int) -> PopResult:
     chains = ffi.new("struct vu_chain[]", max_chains + 1)
     segs = ffi.new("struct vu_seg[]", max_segs + 1)
     ffi.memmove(ffi.addressof(chains, max_chains), bytes([CANARY]) * ffi.sizeof("struct vu_chain"),
@@ -437,7 +439,7 @@ def c_pop(vr: object, mem: object, max_chains: int, max_segs: int) -> PopResult:
     ffi.memmove(ffi.addressof(segs, max_segs), bytes([CANARY]) * ffi.sizeof("struct vu_seg"),
                 ffi.sizeof("struct vu_seg"))
     counts = ffi.new("uint32_t[2]")
-    rc = lib.vu_vring_pop(vr, mem, chains, max_chains, segs, max_segs, counts, counts + 1)
+    rc = lib.vu_vring_pop(vr, mem, chains, max_chains, segs, max_segs, max_bytes, counts, counts + 1)
     nc, ns = counts[0], counts[1]
     assert nc <= max_chains and ns <= max_segs
     assert bytes(ffi.buffer(ffi.addressof(chains, max_chains), ffi.sizeof("struct vu_chain"))) == \
@@ -468,14 +470,16 @@ def run_case(case: Case, layout: str = "split") -> dict[str, int]:
 
     stats = {"chains": 0, "segs": 0, "errors": 0, "codes": 0}
     outstanding: list[int] = []
-    for op in case.ops + [("pop", 64, 256)]:  # always end by walking whatever is there
+    for op in case.ops + [("pop", 64, 256, NO_BYTE_LIMIT)]:  # always end by walking whatever is there
         kind = op[0]
         if kind == "pop":
-            _, max_chains, max_segs = op
+            _, max_chains, max_segs, max_bytes = op
             before = cand.base()
-            c = cand.pop(mem_c, max_chains, max_segs)
-            assert c == ref.pop(mem_r, max_chains, max_segs)
+            c = cand.pop(mem_c, max_chains, max_segs, max_bytes)
+            assert c == ref.pop(mem_r, max_chains, max_segs, max_bytes)
             rc, chains, segs = c
+            if len(chains) > 1:  # the byte budget: only the first chain may exceed it
+                assert sum(ch[3] + ch[4] for ch in chains) <= max_bytes
             for off, length, region, _flags in segs:
                 assert region < n and length > 0 and off + length <= RSIZE
             for first, nsegs, nread, out_len, in_len, _head, _ in chains:
@@ -631,9 +635,9 @@ def test_facade_native_equals_python(case: Case, max_segs: int | None) -> None:
             vq.configure(case.num, *ring, event_idx=case.event_idx, base=case.last_avail_idx)
             trace: list[object] = []
             outstanding: list[int] = []
-            for op in case.ops + [("pop", 64, 256)]:
+            for op in case.ops + [("pop", 64, 256, NO_BYTE_LIMIT)]:
                 if op[0] == "pop":
-                    chains = vq.pop_all(max(op[1], 1))
+                    chains = vq.pop_all(max(op[1], 1), op[3])
                     trace.append([(c.head, [bytes(v) for v in c.readable], [bytes(v) for v in c.writable],
                                    c.out_len, c.in_len) for c in chains])
                     trace.append(vq.error.code if vq.error else 0)

@@ -395,3 +395,30 @@ def test_raw_batch_api(mem: GuestMemory) -> None:
 def test_unknown_impl(mem: GuestMemory) -> None:
     with pytest.raises(ValueError):
         VirtQueue(mem, impl="rust")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("count, ok", [(1024, True), (1025, False)])
+def test_chain_descriptor_cap_counts_zero_length(mem: GuestMemory, impl: str, count: int, ok: bool) -> None:
+    """Zero-length descriptors make no segment, so the segment space cannot
+    bound a chain of them: chains are capped at 1024 descriptors (indirect
+    entries included), as QEMU does."""
+    vq, drv = make(mem, impl)
+    table = 0x20000
+    drv.publish(drv.indirect(table, [(BUF, 0, True)] * (count - 1) + [(BUF, 8, True)]))
+    chains = vq.pop_all()
+    if ok:
+        assert len(chains) == 1 and chains[0].in_len == 8 and vq.error is None
+    else:
+        assert chains == [] and vq.error is not None and vq.error.code == ring_errors.ERR_CHAIN_DESCS
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_byte_budget_takes_whole_chains(mem: GuestMemory, impl: str) -> None:
+    vq, drv = make(mem, impl)
+    heads = [drv.chain([(BUF + 0x1000 * k, 1000, True)]) for k in range(5)]
+    drv.publish(*heads)
+    # The first chain is taken whatever its size; then only what fits.
+    assert [c.head for c in vq.pop_all(max_bytes=10)] == heads[:1]
+    assert [c.head for c in vq.pop_all(max_bytes=2500)] == heads[1:3]
+    assert [c.head for c in vq.pop_all()] == heads[3:]

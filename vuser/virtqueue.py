@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from .memory import GuestMemory, MemoryAccessError
 from .rings import Ring, RingError, native_available, ring_class
-from .rings.base import MAX_QUEUE_SIZE
+from .rings.base import MAX_QUEUE_SIZE, NO_BYTE_LIMIT
 from .rings.errors import DESCRIPTIONS, ERROR_NAMES
 
 __all__ = ["Chain", "RingError", "VirtQueue", "MemoryAccessError", "native_available"]
@@ -193,16 +193,17 @@ class VirtQueue:
 
     # ------------------------------------------------------------ the data path
 
-    def pop_all(self, max_chains: int = 256) -> list[Chain]:
-        """Every available chain, up to ``max_chains``.  On guest garbage:
-        the good chains before it, with ``error`` set (see module doc)."""
+    def pop_all(self, max_chains: int = 256, max_bytes: int = NO_BYTE_LIMIT) -> list[Chain]:
+        """Every available chain, up to ``max_chains`` and ``max_bytes``
+        (the first chain is taken whatever its size).  On guest garbage: the
+        good chains before it, with ``error`` set (see module doc)."""
         chains: list[Chain] = []
         if not self._ready() or self.error is not None:
             return chains
         ro, rw = self._ro, self._rw
         while len(chains) < max_chains:
             want = max_chains - len(chains)
-            rc, batch, segs = self._ring.pop(self.memory, want, self._seg_cap)
+            rc, batch, segs = self._ring.pop(self.memory, want, self._seg_cap, max_bytes)
             views = [(rw[r] if f else ro[r])[o:o + n] for o, n, r, f in segs]
             chains += [Chain(head, views[first:first + nread], views[first + nread:first + nsegs],
                              out_len, in_len)
@@ -210,8 +211,11 @@ class VirtQueue:
             if rc < 0:
                 self.error = RingError(rc)
                 break
-            # Stopped short for lack of segment space: go again.
-            if not batch or len(batch) == want or not self.avail_pending():
+            # Stopped short for lack of segment space: go again (not under
+            # a byte budget: a second call would take its first chain
+            # whatever its size, and the caller comes back anyway).
+            if (not batch or len(batch) == want or max_bytes != NO_BYTE_LIMIT
+                    or not self.avail_pending()):
                 break
         return chains
 

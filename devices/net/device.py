@@ -68,9 +68,6 @@ log = logging.getLogger(__name__)
 DEFAULT_QUEUE_PAIRS = 4
 MIN_MTU, MAX_MTU = 68, 65535
 ETH_OVERHEAD = 18  # Ethernet header + one VLAN tag
-# Frames moved per kick before the connection re-checks the ring (and lets
-# other tasks run): bounds the latency one busy queue adds to the others.
-TX_BUDGET = 4096
 
 
 def _offloads(features: int, csum: NF, tso4: NF, tso6: NF) -> int:
@@ -230,6 +227,8 @@ class NetDevice(Device):
         super().attach(context)
         c = self.port.c  # registers with the switch on first connect
         c.mem = context.memory.native
+        c.guard_owner = context.memory.owner
+        c.faulted = 0
         c.nqp = self.queue_pairs
         c.kind = PORT_VHOST
         self._sync_features()
@@ -241,6 +240,7 @@ class NetDevice(Device):
             self._sync_all()
             self._port.c.kind = PORT_NONE
             self._port.c.nqp = 0
+            self._port.c.guard_owner = 0
             self.switch.forget(self._port)
             self.switch.port_changed()
         super().detach()
@@ -282,7 +282,7 @@ class NetDevice(Device):
         if queue.index % 2 == 0:
             return  # receive buffers added: used when frames arrive
         raw = self._queues.get(queue.index)
-        n = self.switch.tx_burst(self.port, queue.index // 2, budget=TX_BUDGET)
+        n = self.switch.tx_burst(self.port, queue.index // 2)
         if raw is None:
             return
         if n >= 0:

@@ -8,10 +8,17 @@ import argparse
 import hashlib
 from typing import Any, Sequence
 
+from vuser.device import DeviceError
 from vuser.plugin import BackgroundTask, Command, DevicePlugin
 
 from .device import DEFAULT_QUEUE_PAIRS, NetDevice
-from .switch import NetSwitch
+from .switch import HOLD_DOWN_MS, LEARN_LIMIT, NetSwitch
+
+
+def port_mac(name: str) -> bytes:
+    """The MAC of a port's guest: locally administered, derived from the
+    socket path, so guests on one switch never share QEMU's default MAC."""
+    return bytes.fromhex("525400") + hashlib.sha1(name.encode()).digest()[:3]
 
 
 def _stats(devices: Sequence[NetDevice]) -> dict[str, Any]:
@@ -41,17 +48,30 @@ class NetPlugin(DevicePlugin[NetDevice]):
         parser.add_argument("--busy-poll", action="store_true",
                             help="also poll every ring from C, spinning while frames come "
                                  "(burns a CPU; for benchmarks)")
+        parser.add_argument("--lock-mac", action="store_true",
+                            help="each port only forwards frames from the MAC 'vuser qemu-args' gives its "
+                                 "guest (drops the rest: a guest cannot take another's traffic)")
+        parser.add_argument("--learn-limit", type=int, default=LEARN_LIMIT, metavar="N",
+                            help=f"addresses a port may have in the forwarding table (default {LEARN_LIMIT})")
+        parser.add_argument("--hold-down", type=int, default=HOLD_DOWN_MS, metavar="MS",
+                            help="a learned address moves to another port only after this long silent "
+                                 f"on its own (default {HOLD_DOWN_MS})")
 
     def create(self, args: argparse.Namespace, sockets: Sequence[str]) -> list[NetDevice]:
         """One port per socket, all on one switch (with the taps)."""
         mode = "reflect" if args.reflect else "sink" if args.sink else "switch"
-        switch = NetSwitch(mode=mode, pcap=args.pcap, busy_poll=args.busy_poll)
+        if args.learn_limit < 0 or args.hold_down < 0:
+            raise DeviceError("net: --learn-limit and --hold-down take values >= 0")
+        switch = NetSwitch(mode=mode, pcap=args.pcap, busy_poll=args.busy_poll, hold_down_ms=args.hold_down,
+                           learn_limit=args.learn_limit)
         try:
             devices = [
                 NetDevice(switch=switch, queue_pairs=args.queue_pairs, mtu=args.mtu, port_name=str(path),
                           without=args.without, queue_policy=args.queue_policy)
                 for path in sockets]
             for dev in devices:
+                if args.lock_mac:
+                    switch.lock_mac(dev.port, port_mac(dev.port.name))
                 dev.port  # noqa: B018 - ports numbered in socket order
             for tap in args.tap:
                 switch.add_tap(tap)
@@ -69,10 +89,7 @@ class NetPlugin(DevicePlugin[NetDevice]):
 
     def qemu_args(self, device: NetDevice, chardev: str, qemu_version: str) -> list[str]:
         mq = f",queues={device.queue_pairs}" if device.queue_pairs > 1 else ""
-        # A MAC per socket (locally administered, derived from the socket
-        # path): guests on one switch must not share QEMU's default MAC.
-        digest = hashlib.sha1(str(device.port.name or chardev).encode()).digest()
-        mac = "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+        mac = port_mac(device.port.name).hex(":")
         args = f"virtio-net-pci,netdev={chardev}-net,mac={mac}"
         if device.mtu != 1500:
             # QEMU owns the config space: the guest sees an MTU only through

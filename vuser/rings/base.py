@@ -26,6 +26,8 @@ from typing import Any, ClassVar, Protocol, Sequence
 MAX_REGIONS = 64
 MAX_QUEUE_SIZE = 32768
 MAX_INDIRECT = 32768     # entries in one indirect table
+MAX_CHAIN_DESCS = 1024   # buffer descriptors in one chain, zero-length ones included
+NO_BYTE_LIMIT = (1 << 64) - 1
 SEG_WRITE = 1            # segment flag: device-writable
 
 ChainTuple = tuple[int, int, int, int, int, int, int]
@@ -75,7 +77,12 @@ class Ring(Protocol):
         """Forget the areas: nothing touches memory until the next init."""
         ...
 
-    def pop(self, memory: RingMemory, max_chains: int, max_segs: int) -> PopResult: ...
+    def pop(self, memory: RingMemory, max_chains: int, max_segs: int,
+            max_bytes: int = NO_BYTE_LIMIT) -> PopResult:
+        """Pop up to ``max_chains`` chains in ``max_segs`` segments, stopping
+        before a chain that would take the call past ``max_bytes`` (unless
+        it is the first)."""
+        ...
 
     def push(self, elems: Sequence[tuple[int, int]]) -> int:
         """Publish used (id, written) pairs once; ValueError for values

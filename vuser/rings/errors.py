@@ -1,9 +1,11 @@
 """Ring error codes, their names and descriptions, and ``RingError``.
 
-The codes are identical to ``VU_ERR_*`` in ``native/vring.h`` (checked at
-import by ``vuser.rings.split_native``).  Chain errors (-1..-19) mean the
-guest put garbage in a ring: the ring breaks and the device needs a reset.
-The others are caller errors and change nothing.
+The codes are identical to ``VU_ERR_*`` in ``native/vring.h`` and
+``native/guard.h`` (checked at import by ``vuser.rings.split_native``).
+Chain errors (-1..-19) mean the guest put garbage in a ring: the ring
+breaks and the device needs a reset.  ``ERR_FAULT`` means the front-end
+took guest memory away under a mapping (SIGBUS caught): the connection is
+closed.  The others are caller errors and change nothing.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ ERR_INDIRECT_LEN = -10
 ERR_INDIRECT_ADDR = -11
 ERR_ORDER = -12
 ERR_CHAIN_SEGS = -13
+ERR_CHAIN_DESCS = -14
 ERR_NOT_READY = -20
 ERR_NUM = -21
 ERR_RING_SIZE = -22
 ERR_PUSH_COUNT = -23
 ERR_PUSH_ID = -24
+ERR_FAULT = -30
 
 ERROR_NAMES: dict[int, str] = {
     code: "VU_" + name for name, code in dict(globals()).items() if name.startswith("ERR_")
@@ -45,11 +49,13 @@ DESCRIPTIONS = {
     ERR_INDIRECT_ADDR: "indirect table not inside one guest memory region",
     ERR_ORDER: "device-readable descriptor after a device-writable one",
     ERR_CHAIN_SEGS: "chain has more segments than the queue's segment space",
+    ERR_CHAIN_DESCS: "chain longer than 1024 descriptors",
     ERR_NOT_READY: "ring not configured",
     ERR_NUM: "queue size not a power of 2 in 1..32768",
     ERR_RING_SIZE: "ring area too small",
     ERR_PUSH_COUNT: "more used elements than the queue size in one batch",
     ERR_PUSH_ID: "used element id beyond the queue size",
+    ERR_FAULT: "guest memory faulted: the front-end shrank a region under its mapping",
 }
 
 

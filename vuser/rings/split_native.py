@@ -14,7 +14,16 @@ import itertools
 import struct
 from typing import Any, ClassVar, Sequence
 
-from .base import MAX_INDIRECT, MAX_QUEUE_SIZE, MAX_REGIONS, SEG_WRITE, PopResult, RingMemory
+from .base import (
+    MAX_CHAIN_DESCS,
+    MAX_INDIRECT,
+    MAX_QUEUE_SIZE,
+    MAX_REGIONS,
+    NO_BYTE_LIMIT,
+    SEG_WRITE,
+    PopResult,
+    RingMemory,
+)
 from .errors import ERROR_NAMES
 from .split_ref import PySplitRing, split_area_sizes
 from ..virtio import AvailFlag, DescFlag, UsedFlag
@@ -33,8 +42,8 @@ if _ffi is not None:
     assert _ffi.sizeof("struct vu_seg") == _SEG.size
     for _code, _name in ERROR_NAMES.items():
         assert getattr(_lib, _name) == _code, _name
-    assert (_lib.VU_MAX_REGIONS, _lib.VU_MAX_QUEUE_SIZE, _lib.VU_MAX_INDIRECT, _lib.VU_SEG_WRITE) == \
-        (MAX_REGIONS, MAX_QUEUE_SIZE, MAX_INDIRECT, SEG_WRITE)
+    assert (_lib.VU_MAX_REGIONS, _lib.VU_MAX_QUEUE_SIZE, _lib.VU_MAX_INDIRECT, _lib.VU_SEG_WRITE,
+            _lib.VU_MAX_CHAIN_DESCS) == (MAX_REGIONS, MAX_QUEUE_SIZE, MAX_INDIRECT, SEG_WRITE, MAX_CHAIN_DESCS)
     # The C header's copies of the spec's flags (C cannot import virtio.py).
     assert (_lib.VU_DESC_F_NEXT, _lib.VU_DESC_F_WRITE, _lib.VU_DESC_F_INDIRECT) == \
         (DescFlag.NEXT, DescFlag.WRITE, DescFlag.INDIRECT)
@@ -113,14 +122,16 @@ class NativeSplitRing:
 
     # ------------------------------------------------------------ data path
 
-    def pop(self, memory: RingMemory, max_chains: int, max_segs: int) -> PopResult:
-        rc, nc, ns, chains, segs = self.pop_raw(memory, max_chains, max_segs)
+    def pop(self, memory: RingMemory, max_chains: int, max_segs: int,
+            max_bytes: int = NO_BYTE_LIMIT) -> PopResult:
+        rc, nc, ns, chains, segs = self.pop_raw(memory, max_chains, max_segs, max_bytes)
         if not nc:
             return rc, [], []
         return (rc, list(_CHAIN.iter_unpack(_ffi.buffer(chains, _CHAIN.size * nc))),
                 list(_SEG.iter_unpack(_ffi.buffer(segs, _SEG.size * ns))))
 
-    def pop_raw(self, memory: RingMemory, max_chains: int, max_segs: int) -> tuple[int, int, int, Any, Any]:
+    def pop_raw(self, memory: RingMemory, max_chains: int, max_segs: int,
+                max_bytes: int = NO_BYTE_LIMIT) -> tuple[int, int, int, Any, Any]:
         """One vu_vring_pop into arrays owned here, without building Python
         objects: (rc, n_chains, n_segs, chains, segs); the arrays are
         reused by the next pop."""
@@ -129,7 +140,7 @@ class NativeSplitRing:
             self._seg_cap = max_segs
         counts = self._counts
         rc = int(_lib.vu_vring_pop(self._vr, memory.native, self._chains, min(max_chains, self._chain_cap),
-                                   self._segs, max_segs, counts, counts + 1))
+                                   self._segs, max_segs, max_bytes, counts, counts + 1))
         return rc, int(counts[0]), int(counts[1]), self._chains, self._segs
 
     def push(self, elems: Sequence[tuple[int, int]]) -> int:

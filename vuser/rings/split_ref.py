@@ -19,9 +19,11 @@ from typing import Any, ClassVar, Sequence
 
 from ..virtio import AvailFlag, DescFlag, UsedFlag
 from .base import (
+    MAX_CHAIN_DESCS,
     MAX_INDIRECT,
     MAX_QUEUE_SIZE,
     MAX_REGIONS,
+    NO_BYTE_LIMIT,
     SEG_WRITE,
     ChainTuple,
     PopResult,
@@ -31,6 +33,7 @@ from .base import (
 )
 from .errors import (
     ERR_AVAIL_IDX,
+    ERR_CHAIN_DESCS,
     ERR_CHAIN_LEN,
     ERR_CHAIN_SEGS,
     ERR_DESC_ADDR,
@@ -152,7 +155,8 @@ class PySplitRing:
 
     # ------------------------------------------------------------ pop
 
-    def pop(self, memory: RingMemory, max_chains: int, max_segs: int) -> PopResult:
+    def pop(self, memory: RingMemory, max_chains: int, max_segs: int,
+            max_bytes: int = NO_BYTE_LIMIT) -> PopResult:
         """Returns (rc, chains, segs) exactly as vu_vring_pop fills them."""
         regions = memory.regions
         chains: list[ChainTuple] = []
@@ -163,6 +167,7 @@ class PySplitRing:
             return self.error, chains, segs
         start = self.last_avail_idx
         rc = 0
+        taken = 0
         avail_idx = U16.unpack_from(self.avail, 2)[0]
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
         try:
@@ -179,6 +184,9 @@ class PySplitRing:
                     if not chains:
                         raise _ChainError(ERR_CHAIN_SEGS) from None
                     break
+                if chains and taken + out_len + in_len > max_bytes:
+                    break  # over the byte budget: not consumed
+                taken += out_len + in_len
                 nread = sum(1 for seg in chain_segs if not seg[3])
                 chains.append((len(segs), len(chain_segs), nread, out_len, in_len, head, 0))
                 segs.extend(chain_segs)
@@ -197,7 +205,7 @@ class PySplitRing:
         table = self.desc
         limit = self.num
         i = head
-        visited = 0
+        visited = total = 0
         segs: list[SegTuple] = []
         out_len = in_len = 0
         indirect = seen_write = False
@@ -227,6 +235,9 @@ class PySplitRing:
                 indirect = True
                 continue
 
+            total += 1
+            if total > MAX_CHAIN_DESCS:
+                raise _ChainError(ERR_CHAIN_DESCS)
             if flags & DescFlag.WRITE:
                 seen_write = True
                 in_len += length
