@@ -14,11 +14,11 @@ TREES = (("vuser", ROOT / "vuser"), ("vuser.devices", ROOT / "devices"))
 # a module may import modules of the same or a lower rank.
 RANK = {
     # wire format: constants, layouts, the request table, events
-    "virtio": 0, "codes": 0, "events": 0, "wire": 0, "errors": 0,
+    "virtio": 0, "codes": 0, "events": 0, "wire": 0, "errors": 0, "ratelimit": 0,
     # sans-I/O protocol session
     "negotiation": 1, "protocol": 1,
-    # guest memory and rings
-    "memory": 2, "rings": 2, "virtqueue": 2, "_native": 2,
+    # fds from front-ends, guest memory and rings
+    "fds": 2, "memory": 2, "rings": 2, "virtqueue": 2, "_native": 2,
     # transport: framing, sockets, queue tasks, back-end channel, control socket
     "stream": 3, "transport": 3, "queues": 3, "backend_channel": 3, "control": 3,
     # device model: the device contract, plugins, the handler, the connection loop

@@ -78,10 +78,7 @@ async def _serve(plugin: DevicePlugin[Any], devices: list[Any], args: argparse.N
     group = RunnerGroup(runners, control_path=args.control, background=plugin.background(devices), plugin=plugin)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            try:
-                await nursery.start(group.run)
-            except OSError as exc:
-                raise UserError(exc.strerror or str(exc)) from None
+            await nursery.start(group.run)
             async for signum in signals:
                 log.info("signal %s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -93,9 +90,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     devices = _create(plugin, args, args.socket)
     try:
         trio.run(_serve, plugin, devices, args)
+    except (OSError, BaseExceptionGroup) as exc:
+        # A socket that cannot be listened on (trio may wrap it in groups).
+        found = _oserror(exc)
+        if found is None:
+            raise
+        raise UserError(found.strerror or str(found)) from None
     finally:
         plugin.close(devices)
     return 0
+
+
+def _oserror(exc: BaseException) -> OSError | None:
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _oserror(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _create(plugin: DevicePlugin[Any], args: argparse.Namespace, sockets: Sequence[str]) -> list[Any]:

@@ -8,8 +8,12 @@ nursery (``queues``).
 
 Error handling: a front-end that breaks the protocol (a ProtocolError, a
 message that cannot be framed) ends this connection with one log line
-naming the request and the fault.  Nothing here ends the process or
-touches another connection.
+naming the request and the fault.  Anything else that goes wrong while a
+request is applied (a device hook raising, whatever the cause) ends the
+connection the same way, with the traceback in the log; so does a failure
+in a queue task or in the device's background task.  Nothing here ends
+the process or touches another connection (``Runner`` adds a last resort
+around the whole connection).
 
 Resource handling: fds of a message the session refuses are closed here;
 everything the handler took is closed by ``Handler.release`` when the
@@ -61,7 +65,7 @@ class DeviceConnection:
         try:
             async with trio.open_nursery() as nursery:
                 self.handler.start(nursery)
-                nursery.start_soon(self.device.run, self.handler)
+                nursery.start_soon(self._run_device, nursery)
                 try:
                     await self._loop()
                 finally:
@@ -72,6 +76,14 @@ class DeviceConnection:
 
     def _closing(self, request: str, fault: str) -> None:
         log.error("%s: closing connection: %s: %s", self.name, request, fault)
+
+    async def _run_device(self, nursery: trio.Nursery) -> None:
+        try:
+            await self.device.run(self.handler)
+        except Exception as exc:
+            log.exception("%s: closing connection: device background task: %s: %s", self.name,
+                          type(exc).__name__, exc)
+            nursery.cancel_scope.cancel()
 
     async def _loop(self) -> None:
         while True:
@@ -96,10 +108,14 @@ class DeviceConnection:
             self._trace(msg, event)
             try:
                 result = await self.handler.apply(event)
+                reply = self.session.reply(event, result)
             except ProtocolError as exc:
                 self._closing(exc.request, exc.fault)
                 return
-            reply = self.session.reply(event, result)
+            except Exception as exc:
+                log.exception("%s: closing connection: %s: internal error: %s: %s", self.name,
+                              event.request.name, type(exc).__name__, exc)
+                return
             if reply is not None:
                 try:
                     await self.stream.send(reply)

@@ -11,7 +11,9 @@ Commands are ``status``, ``commands`` and the device plugin's (see
 
 Error handling: each client is served on its own; a request that is not
 JSON, too long, or too deeply nested gets an error answer (and a request
-over ``MAX_REQUEST`` bytes ends that client), never the process.
+over ``MAX_REQUEST`` bytes ends that client); an answer that cannot be
+sent or encoded ends that client with a log line; beyond ``MAX_CLIENTS``
+at once a client is closed at once.  Never the process.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str, list[str]], Any]
 MAX_REQUEST = 64 * 1024
+MAX_CLIENTS = 32
+CLIENT_IDLE = 60.0  # seconds a client may stay silent
 
 
 class ControlError(RuntimeError):
@@ -43,24 +47,46 @@ async def serve_control(path: str, handler: Handler, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     listener = await listen_unix(path, backlog=8)
     log.info("control socket on %s", path)
+    clients = [0]
     try:
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                conn, _ = await listener.accept()
-                nursery.start_soon(_client, trio.SocketStream(conn), handler)
+                try:
+                    conn, _ = await listener.accept()
+                except OSError as exc:  # transient (EMFILE, ECONNABORTED)
+                    log.warning("control socket %s: accept failed: %s", path, exc)
+                    await trio.sleep(0.1)
+                    continue
+                if clients[0] >= MAX_CLIENTS:
+                    conn.close()
+                    continue
+                clients[0] += 1
+                nursery.start_soon(_client, trio.SocketStream(conn), handler, clients)
     finally:
         listener.close()
         unlink_quietly(path)
 
 
-async def _client(stream: trio.SocketStream, handler: Handler) -> None:
+async def _client(stream: trio.SocketStream, handler: Handler, clients: list[int]) -> None:
+    try:
+        await _serve_client(stream, handler)
+    except Exception as exc:  # one client's trouble is that client's
+        log.warning("control client ended: %s: %s", type(exc).__name__, exc)
+    finally:
+        clients[0] -= 1
+
+
+async def _serve_client(stream: trio.SocketStream, handler: Handler) -> None:
     buf = b""
+    chunk: bytes | None = None
     async with stream:
         try:
             while True:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
+                chunk = None
+                with trio.move_on_after(CLIENT_IDLE):
+                    chunk = await stream.receive_some(4096)
+                if chunk is None or not chunk:  # idle too long, or closed
                     return
                 buf += chunk
                 if len(buf) > MAX_REQUEST and b"\n" not in buf:

@@ -29,6 +29,7 @@ from . import events as E
 from . import wire
 from .backend_channel import BackendChannelSender
 from .device import Device
+from .fds import FdKindError, require_eventfd, require_unix_stream
 from .handles import QueueHandle, RawQueue
 from .memory import GuestMemory, MemoryAccessError, RegionSpec
 from .protocol import ProtocolError, Session
@@ -39,6 +40,8 @@ from .virtqueue import RingError
 log = logging.getLogger(__name__)
 
 Apply = Callable[["Handler", Any], Awaitable[Any]]
+_FD_ROLE = {wire.Request.SET_VRING_KICK: "kick", wire.Request.SET_VRING_CALL: "call",
+            wire.Request.SET_VRING_ERR: "err"}
 
 
 def _spec(r: E.MemRegion) -> RegionSpec:
@@ -112,7 +115,15 @@ class Handler:
     # ------------------------------------------------------------ events
 
     async def apply(self, event: E.Event) -> Any:
-        return await self._APPLY[type(event)](self, event)
+        """Apply ``event``; anything the front-end made fail (an fd of the
+        wrong kind, a system call on what it sent) is a ProtocolError
+        naming the request."""
+        try:
+            return await self._APPLY[type(event)](self, event)
+        except FdKindError as exc:
+            raise ProtocolError(event.request.name, str(exc)) from None
+        except OSError as exc:
+            raise ProtocolError(event.request.name, f"{exc.strerror or exc}") from None
 
     async def _nothing(self, ev: E.Event) -> None:
         return None
@@ -159,8 +170,11 @@ class Handler:
     async def _vring_fd(self, ev: E.VringFd) -> None:
         slot = self.slots[ev.index]
         if ev.fd is not None:
-            # Never block the event loop on an eventfd a front-end made blocking.
-            os.set_blocking(ev.fd, False)
+            try:
+                require_eventfd(ev.fd, _FD_ROLE[ev.request])
+            except BaseException:
+                os.close(ev.fd)
+                raise
         if ev.request == wire.Request.SET_VRING_KICK:
             await self.runtime.cancel(slot)
             slot.kick.replace(ev.fd)
@@ -185,6 +199,7 @@ class Handler:
 
     async def _backend_channel_set(self, ev: E.BackendChannelSet) -> None:
         try:
+            require_unix_stream(ev.fd, "back-end channel")
             self.backend.replace(ev.fd)
         finally:
             os.close(ev.fd)  # replace duplicated it

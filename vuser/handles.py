@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from .memory import GuestMemory
 from .queues import QueueRuntime, QueueSlot
 from .virtqueue import Chain, RingError
 
@@ -40,12 +41,24 @@ class QueueHandle(_QueueView):
     def buffers(self) -> int:
         return self._slot.buffers
 
+    @property
+    def memory(self) -> GuestMemory:
+        """Where the chains' buffers live: ``memory.read(view)`` and
+        ``memory.write(view, data)`` copy under the SIGBUS guard."""
+        return self._rt.memory
+
     def pop(self, max_chains: int = 256) -> list[Chain]:
-        """Every available chain (one call into the ring code)."""
+        """The available chains (one call into the ring code), within what
+        is left of this round's budget (queues.RoundBudget: the first chain
+        of a round is taken whatever its size; then chains stop at the byte
+        or segment budget, and the rest waits for the next round)."""
         vq = self._slot.vq
-        if vq is None or self._rt.broken is not None:
+        budget = self._slot.budget
+        if vq is None or self._rt.broken is not None or budget.spent:
             return []
-        chains = vq.pop_all(max_chains)
+        chains = vq.pop_all(max_chains, max(budget.bytes, 0))
+        budget.bytes -= sum(c.out_len + c.in_len for c in chains)
+        budget.segments -= sum(len(c.readable) + len(c.writable) for c in chains)
         if vq.error is not None:
             # The chains before the bad one are good and are still served;
             # nothing after it is touched (the ring is marked broken).

@@ -21,13 +21,23 @@ Error handling
     the caller decides whether that closes the connection (a bad table) or
     is the guest's fault (a bad address in a ring).
 
-The front-end can still truncate a memfd after it was mapped; accesses
-past the new end would then raise SIGBUS.  Sealing is the front-end's job
-(QEMU seals its memfds against shrinking).
+Memory that cannot disappear (issue 9): each region's fd must be a
+regular file opened read-write that holds the whole region
+(``fds.require_memory_file``).  A memfd that allows it is sealed against
+shrinking on receipt (F_SEAL_SHRINK; QEMU's are sealed already), so the
+front-end can no longer truncate it under a mapping.  Files that cannot be
+sealed (hugetlbfs and tmpfs files, as DPDK and memory-backend-file use)
+are accepted with a warning: an access past a truncated end is caught by
+the SIGBUS guard of the C copies (``native/guard.c``) and fails the
+connection, not the process.
 """
 
 from __future__ import annotations
 
+import bisect
+import fcntl
+import itertools
+import logging
 import mmap
 import os
 from dataclasses import dataclass
@@ -35,15 +45,22 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import cffi
 
+from .fds import FdKindError, require_memory_file
+
 try:
-    from vuser._native import ffi as _ffi
+    from vuser._native import ffi as _ffi, lib as _lib
 except ImportError:  # the pure-Python ring still works
-    _ffi = None
+    _ffi = _lib = None
 
 # For addresses of buffers only; works without the compiled extension.
 _addr_ffi = _ffi if _ffi is not None else cffi.FFI()
 
 _U64 = 1 << 64
+# Guard owners (native/guard.h): one per memory table, so a fault names
+# the connection whose front-end took memory away.
+_OWNERS = itertools.count(1)
+
+log = logging.getLogger(__name__)
 
 
 class MemoryAccessError(Exception):
@@ -61,19 +78,23 @@ class RegionSpec:
 class Region:
     """One mapped region: ``view`` is guest-physical ``[gpa, gpa + size)``."""
 
-    def __init__(self, fd: int, spec: RegionSpec) -> None:
-        """Maps the region or closes ``fd`` and raises MemoryAccessError."""
+    def __init__(self, fd: int, spec: RegionSpec, owner: int = 0) -> None:
+        """Maps the region or closes ``fd`` and raises MemoryAccessError.
+        ``owner``: the guard owner its mapping is registered under."""
         self.fd = fd
         self.spec = spec
         self.host: Any = None
+        self._guard = -1
         try:
             _check_spec(spec)
+            require_memory_file(fd, spec.size, spec.mmap_offset)
+            self.sealed = _seal_shrink(fd)
             self.page_size = _page_size(fd)
             self._delta = spec.mmap_offset % self.page_size
             self._mmap = mmap.mmap(fd, self._delta + spec.size, flags=mmap.MAP_SHARED,
                                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
                                    offset=spec.mmap_offset - self._delta)
-        except (OSError, ValueError, OverflowError, MemoryAccessError) as exc:
+        except (OSError, ValueError, OverflowError, MemoryAccessError, FdKindError) as exc:
             self._close_fd()
             raise MemoryAccessError(f"cannot map region {_describe(spec)}: {exc}") from None
         whole = memoryview(self._mmap)
@@ -83,6 +104,12 @@ class Region:
         if _ffi is not None:
             self.host = _ffi.from_buffer("uint8_t[]", self.view)
         self.address = _address(self.view)
+        if _lib is not None and owner:
+            # The whole mapping, from its page-aligned start.
+            self._guard = int(_lib.vu_guard_add(self.address - self._delta, self._delta + spec.size, owner))
+            if self._guard < 0:
+                log.warning("region %s: guard table full; a truncation of it would end the process",
+                            _describe(spec))
 
     @property
     def gpa(self) -> int:
@@ -104,6 +131,9 @@ class Region:
         return f"Region({_describe(self.spec)}, fd={self.fd})"
 
     def close(self) -> None:
+        if self._guard >= 0:
+            _lib.vu_guard_remove(self._guard)
+            self._guard = -1
         if self.host is not None and _ffi is not None:
             _ffi.release(self.host)
             self.host = None
@@ -144,6 +174,12 @@ class GuestMemory:
 
     def __init__(self) -> None:
         self._regions: tuple[Region, ...] = ()
+        self._by_gpa: list[Region] = []
+        self._starts: list[int] = []
+        self.owner = next(_OWNERS)
+        if _lib is not None:
+            # (Re)install: a handler someone set after ours would take our faults.
+            _lib.vu_guard_install()
         # Bumped on every change: rings re-resolve their pointers when it moves.
         self.generation = 0
         self.native: Any = _ffi.new("struct vu_mem *") if _ffi is not None else None
@@ -162,7 +198,7 @@ class GuestMemory:
 
     def add_region(self, fd: int, spec: RegionSpec) -> None:
         """ADD_MEM_REG: map one more region (takes ownership of ``fd``)."""
-        region = Region(self._own(fd, ()), spec)
+        region = Region(self._own(fd, ()), spec, self.owner)
         try:
             self._install(self._regions + (region,))
         except MemoryAccessError:
@@ -186,7 +222,7 @@ class GuestMemory:
         new: list[Region] = []
         try:
             for fd, spec in items:
-                new.append(Region(self._own(fd, new), spec))  # closes its fd on failure
+                new.append(Region(self._own(fd, new), spec, self.owner))  # closes its fd on failure
             old = self._regions
             self._install(tuple(new))
         except BaseException:
@@ -227,6 +263,8 @@ class GuestMemory:
                 raise MemoryAccessError(f"regions overlap: {_describe(a.spec)} and {_describe(b.spec)}")
         previous = len(self._regions)
         self._regions = regions
+        self._by_gpa = ordered
+        self._starts = [r.gpa for r in ordered]
         self.generation += 1
         if self.native is not None:
             n = self.native
@@ -304,6 +342,63 @@ class GuestMemory:
                 raise MemoryAccessError("view is not inside guest memory")
         return released
 
+    def ram_pieces(self, gpa: int, length: int) -> Iterator[tuple[int, int]]:
+        """The parts of guest-physical ``[gpa, gpa + length)`` that are in
+        guest memory, as (gpa, length), in address order."""
+        end = gpa + length
+        i = max(bisect.bisect_right(self._starts, gpa) - 1, 0)
+        for r in self._by_gpa[i:]:
+            if r.gpa >= end:
+                break
+            lo, hi = max(gpa, r.gpa), min(end, r.end)
+            if hi > lo:
+                yield lo, hi - lo
+
+    # ------------------------------------------------------------ guarded access
+
+    @property
+    def faulted(self) -> bool:
+        """Did an access to this memory fault (SIGBUS: the front-end shrank
+        a region's file under its mapping)?"""
+        return _lib is not None and bool(_lib.vu_guard_owner_faulted(self.owner))
+
+    def write(self, view: memoryview, data: bytes | memoryview) -> None:
+        """Copy ``data`` into ``view`` (a view handed out by this memory)
+        under the SIGBUS guard: MemoryAccessError if the region shrank."""
+        if len(data) > len(view):
+            raise ValueError(f"{len(data)} bytes do not fit a {len(view)}-byte buffer")
+        if not len(data):
+            return
+        if _lib is None:
+            view[:len(data)] = data
+            return
+        dst = _ffi.from_buffer(view, require_writable=True)
+        src = _ffi.from_buffer(data)
+        try:
+            rc = _lib.vu_guard_copy(dst, src, len(data))
+        finally:
+            _ffi.release(dst)
+            _ffi.release(src)
+        if rc:
+            raise MemoryAccessError("guest memory faulted: the front-end shrank a region under its mapping")
+
+    def read(self, view: memoryview) -> bytes:
+        """The bytes of ``view`` (a view handed out by this memory), read
+        under the SIGBUS guard: MemoryAccessError if the region shrank."""
+        if _lib is None or not len(view):
+            return bytes(view)
+        out = bytearray(len(view))
+        dst = _ffi.from_buffer(out)
+        src = _ffi.from_buffer(view)
+        try:
+            rc = _lib.vu_guard_copy(dst, src, len(view))
+        finally:
+            _ffi.release(dst)
+            _ffi.release(src)
+        if rc:
+            raise MemoryAccessError("guest memory faulted: the front-end shrank a region under its mapping")
+        return bytes(out)
+
     def _region_at(self, gpa: int) -> Region | None:
         for r in self._regions:
             if 0 <= gpa - r.gpa < r.size:
@@ -320,6 +415,22 @@ def _check_spec(spec: RegionSpec) -> None:
         raise MemoryAccessError("front-end virtual range wraps 2^64")
     if spec.mmap_offset < 0:
         raise MemoryAccessError("negative mmap offset")
+
+
+def _seal_shrink(fd: int) -> bool:
+    """Seal a memfd against shrinking (grow stays allowed); True if the
+    file cannot shrink now.  False for files that cannot be sealed."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:  # not a memfd (tmpfs or hugetlbfs file, plain file)
+        return False
+    if seals & fcntl.F_SEAL_SHRINK:
+        return True
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError:  # created without MFD_ALLOW_SEALING, or F_SEAL_SEAL set
+        return False
+    return True
 
 
 def _page_size(fd: int) -> int:

@@ -4,6 +4,12 @@ Shape (style.md, "Concurrency"): one task per running queue waits on its
 kick eventfd (``trio.lowlevel.wait_readable``) and runs passes; a pass
 runs rounds of the ``round`` callback (the device's ``on_kick``, given by
 the handler) with guest notifications off, until the ring is empty.
+
+Bounded work (issue 9): a round spends at most a budget of bytes and
+segments (``RoundBudget``: what a device's pops may take; a device with its
+own data path bounds its C calls the same way), and the task yields to
+every other task between rounds, so no guest holds the process: one
+round is the longest anything waits for one queue.
 Stopping a ring (GET_VRING_BASE, reset, fd or memory replacement) cancels
 its task and waits for it, so the returned base is exact and no task ever
 waits on a closed fd.  Calls are signalled on the call eventfd.
@@ -17,7 +23,6 @@ that slot's ``FdSlot`` and closed when replaced or at ``release``.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,15 +31,36 @@ from typing import Callable
 import trio
 
 from . import events as E
+from .fds import drain_eventfd, signal_eventfd
 from .memory import GuestMemory, MemoryAccessError
+from .rings.errors import ERR_FAULT
 from .virtqueue import RingError, VirtQueue
 
 log = logging.getLogger(__name__)
 
-_EVENTFD_ONE = (1).to_bytes(8, "little")
-# Rounds of one pass before the task checks in with the scheduler and, if
-# chains are still pending, comes back without waiting for a kick.
+# Rounds of one pass before the task comes back without waiting for a kick
+# (chains still pending); it yields between any two rounds anyway.
 ROUNDS_PER_PASS = 64
+# What one round may take from the ring (vhost-net's per-run weight is
+# 512 KiB or 256 packets): bytes of the chains popped, and their segments.
+ROUND_BYTES = 512 * 1024
+ROUND_SEGMENTS = 1024
+
+
+@dataclass
+class RoundBudget:
+    """What is left of the current round's budget (reset every round)."""
+
+    bytes: int = ROUND_BYTES
+    segments: int = ROUND_SEGMENTS
+
+    def reset(self) -> None:
+        self.bytes = ROUND_BYTES
+        self.segments = ROUND_SEGMENTS
+
+    @property
+    def spent(self) -> bool:
+        return self.bytes <= 0 or self.segments <= 0
 
 
 class FdSlot:
@@ -75,6 +101,7 @@ class QueueSlot:
     self_wakes: int = 0
     notifies: int = 0
     role: str | None = None  # a label the handler gives (the device layout's name)
+    budget: RoundBudget = field(default_factory=RoundBudget)
 
     @property
     def running(self) -> bool:
@@ -98,6 +125,7 @@ class QueueRuntime:
         self.name = name
         self.nursery: trio.Nursery | None = None
         self.broken: RingError | None = None
+        self.closing = False
 
     # ------------------------------------------------------------ rings
 
@@ -169,7 +197,7 @@ class QueueRuntime:
                         await trio.lowlevel.checkpoint()
                     elif slot.kick.fd is not None:
                         await trio.lowlevel.wait_readable(slot.kick.fd)
-                        _drain_eventfd(slot.kick.fd)
+                        drain_eventfd(slot.kick.fd)
                         if slot.self_wakes:  # our own wake-up, not the front-end's kick
                             slot.self_wakes -= 1
                         else:
@@ -177,22 +205,35 @@ class QueueRuntime:
                     else:  # front-end asked for polling
                         await trio.sleep(0.001)
                         slot.kicks += 1
-                    more = self._pass(slot)
+                    more = await self._pass(slot)
+        except MemoryAccessError as exc:
+            # The front-end took guest memory away under a mapping (a
+            # SIGBUS the guard caught): its connection ends.
+            self.close(f"queue {slot.index} ({slot.role}): {exc}")
+        except Exception as exc:
+            # The device failed on this queue (a bug, or a guest found a
+            # way to make it raise): this connection ends, nothing else.
+            log.exception("%s: queue %d (%s) failed", self.name, slot.index, slot.role)
+            self.close(f"queue {slot.index} ({slot.role}): {type(exc).__name__}: {exc}")
         finally:
             stopped.set()
 
-    def _pass(self, slot: QueueSlot) -> bool:
-        """Run rounds on every available chain; re-check after enabling
-        notifications so a kick that raced with us is not lost.  True when
-        chains are still pending after ROUNDS_PER_PASS rounds: the guest
-        may have read avail_event before we moved it and will not kick for
-        them, so the caller must come back without waiting for a kick."""
-        vq = slot.vq
-        if vq is None or not slot.enabled or self.broken is not None:
-            return False
-        for _ in range(ROUNDS_PER_PASS):
+    async def _pass(self, slot: QueueSlot) -> bool:
+        """Run rounds on every available chain, yielding between rounds;
+        re-check after enabling notifications so a kick that raced with us
+        is not lost.  True when chains are still pending after
+        ROUNDS_PER_PASS rounds: the guest may have read avail_event before
+        we moved it and will not kick for them, so the caller must come
+        back without waiting for a kick."""
+        for n in range(ROUNDS_PER_PASS):
+            if n:
+                await trio.lowlevel.checkpoint()  # every other task runs between two rounds
+            vq = slot.vq
+            if vq is None or not slot.enabled or self.broken is not None:
+                return False
             before = vq.last_avail_idx
             vq.set_notification(False)
+            slot.budget.reset()
             self._round(slot)
             vq.set_notification(True)
             if self.broken is not None or vq.last_avail_idx == before or not vq.avail_pending():
@@ -204,12 +245,8 @@ class QueueRuntime:
         task, so its 'chains still pending' loop covers every path.  Writing
         the kick eventfd is what a front-end kick does anyway."""
         fd = slot.kick.fd
-        if fd is not None:
+        if fd is not None and signal_eventfd(fd):  # False: a wake-up is pending anyway
             slot.self_wakes += 1
-            try:
-                os.write(fd, _EVENTFD_ONE)
-            except BlockingIOError:
-                pass  # counter saturated: a wake-up is pending anyway
         # Polling queues run a pass every millisecond regardless.
 
     # ------------------------------------------------------------ notifications
@@ -222,28 +259,28 @@ class QueueRuntime:
 
     def signal_call(self, slot: QueueSlot) -> None:
         fd = slot.call.fd
-        if fd is None:
+        if fd is not None and signal_eventfd(fd):  # False: the guest is being interrupted anyway
+            slot.notifies += 1
+
+    def close(self, why: str) -> None:
+        """End the connection (one log line, however many queues notice):
+        what the front-end did cannot be recovered from, such as guest
+        memory taken away."""
+        if self.closing:
             return
-        slot.notifies += 1
-        try:
-            os.write(fd, _EVENTFD_ONE)
-        except BlockingIOError:
-            pass  # counter saturated: the guest will be interrupted anyway
+        self.closing = True
+        log.error("%s: closing connection: %s", self.name, why)
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
 
     def fault(self, slot: QueueSlot, error: RingError) -> None:
         """The guest put garbage in a ring: stop processing every queue of
-        the connection until the device is reset."""
+        the connection until the device is reset.  A ring that faulted
+        (SIGBUS: the front-end shrank guest memory) ends the connection."""
+        if error.code == ERR_FAULT:
+            self.close(f"queue {slot.index} ({slot.role}): {error}")
+            return
         if self.broken is None:
             self.broken = error
             log.warning("%s: queue %d: guest ring error %s; device needs reset", self.name, slot.index, error)
             self._on_fault(slot, error)
-
-
-def _drain_eventfd(fd: int) -> None:
-    try:
-        os.read(fd, 8)
-    except BlockingIOError:
-        pass
-    except OSError as exc:  # pragma: no cover - a pipe from an odd front-end
-        if exc.errno not in (errno.EAGAIN, errno.EINVAL):
-            raise

@@ -39,11 +39,18 @@ class Runner:
         self.connections = 0
 
     async def _handle(self, sock: trio.socket.SocketType) -> None:
+        """Serve one connection.  Last resort (one connection is one fault
+        domain): whatever escapes it is logged with its traceback and ends
+        that connection only; the next one is served."""
         conn = DeviceConnection(self.device, sock, ring_impl=self.ring_impl, name=self.device.name)
         self.connection = conn
         self.connections += 1
         try:
             await conn.serve()
+        except* Exception as group:
+            for exc in group.exceptions:
+                log.error("%s: connection ended by an unexpected error: %s: %s", self.device.name,
+                          type(exc).__name__, exc, exc_info=exc)
         finally:
             self.connection = None
 

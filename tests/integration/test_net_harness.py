@@ -25,7 +25,9 @@ import trio
 
 from conftest import wait_until
 from vuser.control import call as control_call
-from vuser.frontend import HARNESS_PROTOCOL_FEATURES, Driver, Frontend
+from vuser.frontend.netdriver import BCAST, eth
+from vuser.frontend.netdriver import net_frontend as connect
+from vuser.frontend.netdriver import net_probe as probe
 from vuser.devices.net import NetSwitch
 from vuser.runner import Runner, RunnerGroup
 from vuser.testing.netframes import VnetHdr, offload_hdr, parse_tcp, tcp_frame
@@ -41,14 +43,8 @@ except ImportError:  # pragma: no cover - a tree that was never installed
 F_CSUM, F_GUEST_CSUM, F_MTU, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6 = 0, 1, 3, 7, 8, 11, 12
 F_MRG_RXBUF, F_STATUS, F_MQ = 15, 16, 22
 F_EVENT_IDX, F_VERSION_1 = 29, 32
-NET_PROTOCOL_FEATURES = HARNESS_PROTOCOL_FEATURES | (1 << PF.RARP) | (1 << PF.MTU)
-BCAST = b"\xff" * 6
 MAC_A = bytes.fromhex("020000000001")
 MAC_B = bytes.fromhex("020000000002")
-
-
-def eth(dst: bytes, src: bytes, payload: bytes, ethertype: int = 0x88B5) -> bytes:
-    return dst + src + struct.pack("!H", ethertype) + payload
 
 
 @asynccontextmanager
@@ -73,83 +69,6 @@ async def net_group(tmp_path: Path, ports: int = 2, *, mode: str = "switch", que
                 nursery.cancel_scope.cancel()
     finally:
         switch.close()
-
-
-class NetGuest:
-    """A virtio-net driver on the harness: receive buffers, send, receive."""
-
-    def __init__(self, drv: Driver, pairs: int = 1) -> None:
-        self.drv = drv
-        self.pairs = pairs
-
-    @property
-    def features(self) -> int:
-        assert self.drv.negotiated_features is not None
-        return self.drv.negotiated_features
-
-    @property
-    def hdr_len(self) -> int:
-        return 12 if self.features & ((1 << F_VERSION_1) | (1 << F_MRG_RXBUF)) else 10
-
-    @property
-    def mergeable(self) -> bool:
-        return bool(self.features & (1 << F_MRG_RXBUF))
-
-    def fill_rx(self, qp: int = 0, count: int = 32, size: int = 2048) -> None:
-        q = self.drv.queue(2 * qp)
-        for _ in range(count):
-            q.add_inbuf(size)
-        q.kick()
-
-    def send(self, frame: bytes, qp: int = 0, *, split: bool = True, hdr: bytes | None = None) -> None:
-        q = self.drv.queue(2 * qp + 1)
-        header = bytes(self.hdr_len) if hdr is None else hdr
-        if split:  # header in its own descriptor, as legacy drivers without ANY_LAYOUT
-            q.add_chain(out=[header, frame])
-        else:
-            q.add_outbuf(header + frame)
-        q.kick()
-
-    async def wait_sent(self, count: int, qp: int = 0) -> None:
-        used = await self.drv.queue(2 * qp + 1).wait_used(count, timeout=5)
-        assert all(u.length == 0 for u in used)
-
-    async def recv(self, count: int, qp: int = 0, timeout: float = 5) -> list[tuple[bytes, bytes]]:
-        """(header, frame) of ``count`` frames, mergeable buffers joined."""
-        q = self.drv.queue(2 * qp)
-        out: list[tuple[bytes, bytes]] = []
-        pending: list[Any] = []
-        with trio.fail_after(timeout):
-            while len(out) < count:
-                pending += q.get_used()
-                while pending:
-                    first = pending[0]
-                    hdr = first.data[:self.hdr_len]
-                    nbuf = struct.unpack_from("<H", hdr, 10)[0] if self.hdr_len == 12 else 1
-                    if self.mergeable:
-                        assert nbuf >= 1, hdr
-                    else:
-                        nbuf = 1
-                    if len(pending) < nbuf:
-                        break
-                    parts = pending[:nbuf]
-                    del pending[:nbuf]
-                    out.append((hdr, first.data[self.hdr_len:] + b"".join(p.data for p in parts[1:])))
-                if len(out) < count:
-                    await q.wait_call(0.05)
-        assert not pending
-        return out
-
-
-async def probe(fe: Frontend, pairs: int = 1, **driver_options: Any) -> NetGuest:
-    drv = Driver(fe, **driver_options)
-    await drv.probe()
-    return NetGuest(drv, pairs)
-
-
-def connect(path: str, pairs: int = 1, **options: Any) -> Any:
-    return Frontend.connect(path, num_queues=2 * pairs, protocol_features=options.pop(
-        "protocol_features", NET_PROTOCOL_FEATURES), **options)
 
 
 def port_stats(switch: NetSwitch, index: int) -> dict[str, Any]:

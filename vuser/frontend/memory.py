@@ -162,6 +162,7 @@ class GuestRam:
         self._next_region = 0
         self._rr = 0
         self.identity = False
+        self.sealable = True
         self.closed = False
 
     # ---------------------------------------------------------- creation
@@ -169,7 +170,7 @@ class GuestRam:
     @classmethod
     def create(cls, size: int, *, regions: int = 2, layout: Sequence[RamRegionSpec] | None = None,
                separate_fds: bool = False, identity: bool = False, gpa_base: int = 0,
-               name: str = "vuser-guest-ram") -> GuestRam:
+               sealable: bool = True, name: str = "vuser-guest-ram") -> GuestRam:
         """Create guest RAM of ``size`` bytes (ignored when ``layout`` is given).
 
         ``separate_fds``: one memfd per region, each with ``index`` leading
@@ -177,7 +178,9 @@ class GuestRam:
         ``identity``: front-end virtual address == guest-physical address
         (DPDK's virtio_user); otherwise QEMU-like distinct addresses.
         ``gpa_base`` shifts the default layout (DPDK's addresses start at
-        its base-virtaddr, not at 0).
+        its base-virtaddr, not at 0).  ``sealable``: memfds that allow
+        seals, as QEMU makes them (False: like a tmpfs or hugetlbfs file,
+        which a back-end cannot seal against shrinking).
         """
         if layout is not None:
             specs = list(layout)
@@ -187,6 +190,7 @@ class GuestRam:
         _check_specs(specs)
         mem = cls()
         mem.identity = identity
+        mem.sealable = sealable
         try:
             if separate_fds:
                 for spec in specs:
@@ -224,7 +228,7 @@ class GuestRam:
         return self._append(spec.gpa, spec.size, uva, pad, fd, mm, pad)
 
     def _new_memfd(self, name: str, size: int) -> int:
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if self.sealable else 0))
         self._fds.append(fd)
         os.ftruncate(fd, size)
         return fd

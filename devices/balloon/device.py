@@ -17,29 +17,39 @@ Config: num_pages (the target, device-written), actual (driver-written),
 free_page_hint_cmd_id, poison_val (driver-written).  Only actual and
 poison_val are taken from config writes: QEMU 11.1's generic device writes
 the whole config back from a stale copy (design.md).
+
+Bounded work (issue 9): PFNs are read per buffer in bounded pieces, only
+those in guest RAM are kept (``pages``), a round pops at most
+``BUFFERS_PER_ROUND`` buffers, and guest mistakes are logged at most once
+per interval.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import struct
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import trio
 
 from vuser.device import ConfigField, Device, DeviceContext, DeviceError, Feature
-from vuser.handles import QueueHandle
-from vuser.plugin import Command, DevicePlugin, Param
+from vuser.handles import QueueHandle, RawQueue
+from vuser.memory import MemoryAccessError
+from vuser.ratelimit import RateLimitedLog
 from vuser.virtio import BalloonFeature as BF
 from vuser.virtio import BalloonStat, DeviceId
 
+from .pages import PAGE_SHIFT, PAGE_SIZE, PageBitmap, in_ram, read_pfns, runs
+
 log = logging.getLogger(__name__)
 
-PAGE_SHIFT = 12  # VIRTIO_BALLOON_PFN_SHIFT: the balloon always speaks 4 KiB pages
-PAGE_SIZE = 1 << PAGE_SHIFT
+# Buffers of PFNs handled per round: each holds at most
+# pages.MAX_PFNS_PER_BUFFER (Linux sends 256), so a round stays short.
+BUFFERS_PER_ROUND = 16
+# Bytes read from a stats or command buffer (16 stats tags are 160).
+SMALL_BUFFER = 1024
 
 CMD_ID_STOP = 0
 CMD_ID_DONE = 1
@@ -63,17 +73,6 @@ def _stat_name(tag: int) -> str:
         return BalloonStat(tag).label
     except ValueError:
         return f"tag-{tag}"
-
-
-def _ranges(pfns: list[int]) -> list[tuple[int, int]]:
-    """Coalesce page numbers into (first, count) runs: one madvise a run."""
-    out: list[tuple[int, int]] = []
-    for pfn in sorted(set(pfns)):
-        if out and out[-1][0] + out[-1][1] == pfn:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((pfn, 1))
-    return out
 
 
 class BalloonDevice(Device):
@@ -105,7 +104,10 @@ class BalloonDevice(Device):
         self._next_cmd_id = 2
         self.stats_interval = stats_interval
         self.negotiated = 0
-        self.inflated: set[int] = set()
+        self.inflated = PageBitmap()
+        self.bad_pages = 0
+        self.ignored_pfns = 0
+        self._warn = RateLimitedLog(log)
         self.bytes_released = 0
         self.bytes_reported = 0
         self.reported_skipped_poison = 0
@@ -146,6 +148,20 @@ class BalloonDevice(Device):
         # it has is its own again.
         self.inflated.clear()
         self.actual = 0
+        self._stats_head = None
+
+    def detach(self) -> None:
+        self._stats_head = None
+        super().detach()
+
+    def queue_started(self, queue: RawQueue) -> None:
+        # A stats buffer held from an earlier ring belongs to no ring now.
+        if queue.role == "statsq":
+            self._stats_head = None
+
+    def queue_stopped(self, queue: RawQueue) -> None:
+        if queue.role == "statsq":
+            self._stats_head = None
 
     # ------------------------------------------------------------ queues
 
@@ -164,29 +180,35 @@ class BalloonDevice(Device):
         else:  # a queue the active layout does not name: return buffers untouched
             queue.push([(c.head, 0) for c in queue.pop()])
 
-    @staticmethod
-    def _pfns(chain: Any) -> list[int]:
-        data = b"".join(bytes(v) for v in chain.readable)
-        n = len(data) // 4
-        return list(struct.unpack_from(f"<{n}I", data)) if n else []
+    def _page_runs(self, queue: QueueHandle, chain: Any) -> list[tuple[int, int]]:
+        """The runs of guest-RAM pages a buffer names; what it names
+        outside guest RAM, or beyond what is read of one buffer, is the
+        guest's mistake (counted, warned about at most once an interval)."""
+        pfns, ignored = read_pfns(queue.memory, chain.readable)
+        kept, outside = in_ram(queue.memory, runs(pfns))
+        if ignored:
+            self.ignored_pfns += ignored
+            self._warn.warn("balloon: a buffer names %d more PFNs than the %d read from one buffer; "
+                            "ignored", ignored, len(pfns))
+        if outside:
+            self.bad_pages += outside
+            self._warn.warn("balloon: %d PFNs outside guest RAM (the guest's error); ignored", outside)
+        return kept
 
-    def _discard_pages(self, pfns: list[int]) -> int:
-        assert self.context is not None
-        released = 0
-        for first, count in _ranges(pfns):
-            try:
-                released += self.context.memory.discard(first << PAGE_SHIFT, count << PAGE_SHIFT)
-            except Exception as exc:  # a PFN outside guest RAM: the guest's error
-                log.warning("balloon: cannot release pfn %#x+%d: %s", first, count, exc)
-        return released
+    def _discard(self, queue: QueueHandle, first: int, count: int) -> int:
+        try:
+            return queue.memory.discard(first << PAGE_SHIFT, count << PAGE_SHIFT)
+        except MemoryAccessError as exc:  # e.g. a memfd sealed against writes: MADV_REMOVE fails
+            self._warn.warn("balloon: cannot release pfn %#x+%d: %s", first, count, exc)
+            return 0
 
     def _inflate(self, queue: QueueHandle) -> None:
         used = []
-        for chain in queue.pop():
-            pfns = self._pfns(chain)
-            self.bytes_released += self._discard_pages(pfns)
-            self.inflated.update(pfns)
-            self.pages_inflated_total += len(pfns)
+        for chain in queue.pop(BUFFERS_PER_ROUND):
+            for first, count in self._page_runs(queue, chain):
+                self.bytes_released += self._discard(queue, first, count)
+                self.inflated.set(first, count)
+                self.pages_inflated_total += count
             self.inflate_buffers += 1
             used.append((chain.head, 0))
         queue.push(used)
@@ -196,18 +218,29 @@ class BalloonDevice(Device):
         # the pages; the pages need nothing from us (they come back zeroed
         # on touch), so completing the buffer is the whole "telling".
         used = []
-        for chain in queue.pop():
-            pfns = self._pfns(chain)
-            self.inflated.difference_update(pfns)
-            self.pages_deflated_total += len(pfns)
+        for chain in queue.pop(BUFFERS_PER_ROUND):
+            for first, count in self._page_runs(queue, chain):
+                self.inflated.unset(first, count)
+                self.pages_deflated_total += count
             self.deflate_buffers += 1
             used.append((chain.head, 0))
         queue.push(used)
 
+    @staticmethod
+    def _small(queue: QueueHandle, chain: Any) -> bytes:
+        """The first SMALL_BUFFER device-readable bytes of a chain."""
+        data = bytearray()
+        for view in chain.readable:
+            n = min(len(view), SMALL_BUFFER - len(data))
+            if n <= 0:
+                break
+            data += queue.memory.read(view[:n])
+        return bytes(data)
+
     def _stats(self, queue: QueueHandle) -> None:
         chains = queue.pop()
         for chain in chains:
-            data = b"".join(bytes(v) for v in chain.readable)
+            data = self._small(queue, chain)
             for off in range(0, len(data) - _STAT.size + 1, _STAT.size):
                 tag, val = _STAT.unpack_from(data, off)
                 self.stats[_stat_name(tag)] = val
@@ -224,7 +257,7 @@ class BalloonDevice(Device):
         used = []
         for chain in queue.pop():
             if chain.readable:  # a command id: start (the active id) or STOP
-                data = b"".join(bytes(v) for v in chain.readable)
+                data = self._small(queue, chain)
                 if len(data) >= 4:
                     cmd = int.from_bytes(data[:4], "little")
                     self.hint_active_id = None if cmd == CMD_ID_STOP else cmd
@@ -240,7 +273,6 @@ class BalloonDevice(Device):
         return self.has("PAGE_POISON", self.negotiated) and self.poison_val != 0
 
     def _report(self, queue: QueueHandle) -> None:
-        assert self.context is not None
         used = []
         poison = self._poison_active()
         for chain in queue.pop():
@@ -249,7 +281,10 @@ class BalloonDevice(Device):
             if poison:
                 self.reported_skipped_poison += size
             else:
-                self.bytes_released += self.context.memory.discard_views(chain.writable)
+                try:
+                    self.bytes_released += queue.memory.discard_views(chain.writable)
+                except MemoryAccessError as exc:  # MADV_REMOVE refused (a sealed memfd)
+                    self._warn.warn("balloon: cannot release a reported range: %s", exc)
             used.append((chain.head, 0))
         queue.push(used)
 
@@ -271,7 +306,11 @@ class BalloonDevice(Device):
         if q is None:
             return False
         head, self._stats_head = self._stats_head, None
-        q.push([(head, 0)])
+        try:
+            q.push([(head, 0)])
+        except ValueError as exc:  # the ring changed under the held buffer: drop it
+            log.debug("balloon: held stats buffer %d not returned: %s", head, exc)
+            return False
         return True
 
     # ------------------------------------------------------------ control
@@ -302,7 +341,9 @@ class BalloonDevice(Device):
             "target_bytes": self.num_pages * PAGE_SIZE,
             "actual_pages": self.actual,
             "actual_bytes": self.actual * PAGE_SIZE,
-            "inflated_pages": len(self.inflated),
+            "inflated_pages": self.inflated.count,
+            "bad_pfns": self.bad_pages,
+            "ignored_pfns": self.ignored_pfns,
             "bytes_released": self.bytes_released,
             "bytes_reported": self.bytes_reported,
             "reported_kept_for_poison": self.reported_skipped_poison,
@@ -314,44 +355,3 @@ class BalloonDevice(Device):
             "stats": {"values": dict(self.stats), "time": self.stats_time, "updates": self.stats_updates,
                       "interval": self.stats_interval},
         }
-
-
-# ---------------------------------------------------------------- plugin
-
-def _set_target(devices: Sequence[BalloonDevice], pages: int) -> dict[str, Any]:
-    devices[0].set_target(pages)
-    return devices[0].status()
-
-
-def _stats(devices: Sequence[BalloonDevice]) -> dict[str, Any]:
-    stats: dict[str, Any] = devices[0].status()["stats"]
-    return stats
-
-
-def _hint(devices: Sequence[BalloonDevice], action: str) -> dict[str, Any]:
-    return {"cmd_id": devices[0].hint(action)}
-
-
-def _hint_action(text: str) -> str:
-    if text not in ("start", "stop"):
-        raise DeviceError("hint takes start or stop")
-    return text
-
-
-class BalloonPlugin(DevicePlugin[BalloonDevice]):
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        super().add_arguments(parser)
-        parser.add_argument("--target", default="0", help="initial balloon size (e.g. 64M, pages with p)")
-        parser.add_argument("--stats-interval", type=float, default=2.0,
-                            help="seconds between stats requests (0: never)")
-
-    def options(self, args: argparse.Namespace) -> dict[str, Any]:
-        return {"target_pages": parse_size(args.target), "stats_interval": args.stats_interval}
-
-
-plugin = BalloonPlugin(BalloonDevice, commands=(
-    Command("set-target", "set the balloon size (the guest gives that much memory back)", _set_target,
-            (Param("size", parse_size, "64M, 1G, 4096 (bytes) or 100p (pages)"),)),
-    Command("stats", "the guest's latest memory statistics", _stats),
-    Command("hint", "start or stop free page hinting", _hint, (Param("action", _hint_action, "start|stop"),)),
-))
