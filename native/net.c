@@ -374,15 +374,19 @@ static void fdb_learn(struct vu_net_switch *sw, const uint8_t *mac, uint32_t por
         }
     }
     if (!e) {
+        /* A free way; else the oldest of this port's own entries (a port
+         * flooding new addresses only ever evicts its own); else the
+         * oldest. */
         set = &sw->fdb[mac_set(sw, mac) * VU_NET_FDB_WAYS];
-        victim = &set[0];
-        for (uint32_t w = 0; w < VU_NET_FDB_WAYS; w++) {
-            if (!set[w].port) {
-                victim = &set[w];
-                break;
-            }
-            if (set[w].seen_ms < victim->seen_ms)
-                victim = &set[w];
+        victim = NULL;
+        for (uint32_t w = 0; w < VU_NET_FDB_WAYS && !(victim && !victim->port); w++) {
+            struct vu_net_fdb_entry *c = &set[w];
+            if (!c->port || !victim)
+                victim = c;
+            else if ((c->port == port + 1) != (victim->port == port + 1))
+                victim = c->port == port + 1 ? c : victim;
+            else if (c->seen_ms < victim->seen_ms)
+                victim = c;
         }
         e = victim;
         memcpy(e->mac, mac, 6);

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,7 +192,8 @@ def pair() -> Any:
     def make(**kw: Any) -> tuple[NetSwitch, Guest, Guest]:
         a, b = Guest(**kw.get("a", {})).open(), Guest(**kw.get("b", {})).open()
         guests.extend((a, b))
-        sw = NetSwitch(mode=kw.get("mode", "switch"))
+        sw = NetSwitch(mode=kw.get("mode", "switch"), hold_down_ms=kw.get("hold_down_ms", 1000),
+                       learn_limit=kw.get("learn_limit", 256))
         a.bind(sw.add_vhost_port("a", a).c)
         b.bind(sw.add_vhost_port("b", b).c)
         return sw, a, b
@@ -465,3 +467,81 @@ def test_tcp_segmentation(pair: Any, size: int, mss: int, v6: bool, capable: boo
             assert sg.ip_id == (0x1234 + k) & 0xFFFF
     assert all(VnetHdr.unpack(h) == VnetHdr() for h in headers)
     assert sw.stats()["segmented"] == 1
+
+
+# ------------------------------------------------------------------ switch hygiene
+
+
+def test_header_flags_from_a_guest_are_reduced_to_needs_csum(pair: Any) -> None:
+    """A driver must not set DATA_VALID (virtio 5.1.6.2.1): it never passes
+    through to another guest, which would skip its own checksum check."""
+    sw, a, b = pair(a={"tx_offloads": OFF_ALL}, b={"rx_offloads": OFF_ALL})
+    b.add_rx(2048)
+    frame = tcp_frame(b"x" * 100)            # checksum already complete (and could be wrong)
+    a.send(frame, hdr=VnetHdr(DATA_VALID | 4, 0, 0, 0, 0, 0).pack())
+    sw.tx_burst(sw.ports[0], 0)
+    headers: list[bytes] = []
+    (got,), _ = b.received(headers)
+    assert got == frame and VnetHdr.unpack(headers[0]).flags == 0
+
+
+def test_locked_port_drops_other_source_macs(pair: Any) -> None:
+    sw, a, b = pair()
+    for _ in range(4):
+        b.add_rx(2048)
+    sw.lock_mac(sw.ports[0], MACS[0])
+    a.send(eth(BCAST, MACS[0], b"mine"))
+    a.send(eth(MACS[1], MACS[2], b"not mine"))  # would also teach the switch MACS[2] is here
+    sw.tx_burst(sw.ports[0], 0)
+    assert b.received()[0] == [eth(BCAST, MACS[0], b"mine")]
+    assert stats(sw, 0)["drops"] == {"spoofed": 1} and stats(sw, 0)["mac_locked"] == MACS[0].hex(":")
+    assert sw.lookup(MACS[2]) is None
+
+
+def test_learned_address_is_held_down_but_rarp_moves_it(pair: Any) -> None:
+    """B claims A's address: while A is alive the entry stays on A's port
+    (so A's unicast traffic is not stolen); SEND_RARP's announcement, a
+    guest that migrated, moves it at once."""
+    sw, a, b = pair()
+    sw.inject(sw.ports[0], eth(BCAST, MACS[0], b"I am A"))
+    assert sw.lookup(MACS[0]) == 0
+    b.send(eth(BCAST, MACS[0], b"I am A too"))
+    sw.tx_burst(sw.ports[1], 0)
+    assert sw.lookup(MACS[0]) == 0 and stats(sw, 1)["moves_held"] == 1
+    sw.inject(sw.ports[1], rarp_frame(MACS[0]))
+    assert sw.lookup(MACS[0]) == 1
+
+
+def test_hold_down_expires(pair: Any) -> None:
+    sw, a, b = pair(hold_down_ms=30)
+    sw.inject(sw.ports[0], eth(BCAST, MACS[0], b"x"))
+    time.sleep(0.05)
+    b.send(eth(BCAST, MACS[0], b"moved"))
+    sw.tx_burst(sw.ports[1], 0)
+    assert sw.lookup(MACS[0]) == 1
+
+
+def test_learning_limit_per_port(pair: Any) -> None:
+    sw, a, b = pair(learn_limit=3)
+    for k in range(6):
+        a.send(eth(BCAST, bytes([2, 0, 0, 1, 0, k]), b"x"))
+    sw.tx_burst(sw.ports[0], 0)
+    learned = [e for e in sw.fdb() if e["port"] == 0]
+    assert len(learned) == 3 and stats(sw, 0)["learned"] == 3 and stats(sw, 0)["learn_refused"] == 3
+
+
+def test_forwarding_table_survives_a_flood_of_addresses(pair: Any) -> None:
+    """One port flooding 2048 new source addresses learns at most its limit
+    and, in a full set, only ever evicts its own entries: another port's
+    entry stays (the keyed hash keeps a guest from aiming at its set)."""
+    sw, a, b = pair(learn_limit=0)
+    sw.inject(sw.ports[1], eth(BCAST, MACS[1], b"B"))
+    sent = 0
+    for _ in range(2048 // 32):
+        for _ in range(32):
+            a.send(eth(BCAST, bytes([2, 0, 0, 2, sent >> 8, sent & 0xFF]), b"x"))
+            sent += 1
+        sw.tx_burst(sw.ports[0], 0)
+        a.tx.get_used()
+    assert sw.lookup(MACS[1]) == 1
+    assert len(sw.fdb()) > 1900  # a few of A's own evicted each other in full sets

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -63,6 +64,9 @@ def _add_run(sub: Any, parent: Parser, plugins: dict[str, DevicePlugin[Any]]) ->
         p.add_argument("--socket", required=True, metavar="PATH", action="append",
                        help="vhost-user unix socket (repeatable for multi-port devices: one port per socket)")
         p.add_argument("--client", action="store_true", help="connect to a front-end listening on --socket")
+        p.add_argument("--allow-peer-uid", type=int, action="append", default=[], metavar="UID",
+                       help="with --client: also serve a front-end running as UID (default: only "
+                            "our own uid and root)")
         p.add_argument("--control", metavar="PATH", help="open a control socket at PATH (vuser ctl)")
         p.add_argument("--ring", choices=("native", "python"), default="native",
                        help="ring implementation: the C hot path or the pure-Python reference")
@@ -73,7 +77,8 @@ def _add_run(sub: Any, parent: Parser, plugins: dict[str, DevicePlugin[Any]]) ->
 async def _serve(plugin: DevicePlugin[Any], devices: list[Any], args: argparse.Namespace) -> None:
     from .runner import Runner, RunnerGroup
 
-    runners = [Runner(dev, path, client=args.client, ring_impl=args.ring, plugin=plugin)
+    peers = {os.getuid(), 0, *args.allow_peer_uid}
+    runners = [Runner(dev, path, client=args.client, ring_impl=args.ring, plugin=plugin, peer_uids=sorted(peers))
                for dev, path in zip(devices, args.socket)]
     group = RunnerGroup(runners, control_path=args.control, background=plugin.background(devices), plugin=plugin)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

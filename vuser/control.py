@@ -25,7 +25,7 @@ from typing import Any, Callable
 import trio
 
 from .errors import UsageError
-from .transport import listen_unix, unlink_quietly
+from .transport import listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ async def serve_control(path: str, handler: Handler, *,
                 nursery.start_soon(_client, trio.SocketStream(conn), handler, clients)
     finally:
         listener.close()
-        unlink_quietly(path)
 
 
 async def _client(stream: trio.SocketStream, handler: Handler, clients: list[int]) -> None:

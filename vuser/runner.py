@@ -9,6 +9,7 @@ process answers to), and the commands of the device's plugin
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any, Sequence
 
 import trio
@@ -28,8 +29,9 @@ class Runner:
 
     def __init__(self, device: Device, socket_path: str, *, client: bool = False,
                  control_path: str | None = None, ring_impl: str = "native",
-                 plugin: DevicePlugin[Any] | None = None) -> None:
+                 plugin: DevicePlugin[Any] | None = None, peer_uids: Sequence[int] | None = None) -> None:
         self.device = device
+        self.peer_uids = peer_uids
         self.socket_path = socket_path
         self.client = client
         self.control_path = control_path
@@ -65,8 +67,11 @@ class Runner:
         async with trio.open_nursery() as nursery:
             if self.control_path:
                 await nursery.start(serve_control, self.control_path, self.control)
-            serve = serve_client if self.client else serve_unix
-            await nursery.start(serve, self.socket_path, self._handle)
+            if self.client:
+                await nursery.start(partial(serve_client, peer_uids=self.peer_uids), self.socket_path,
+                                    self._handle)
+            else:
+                await nursery.start(serve_unix, self.socket_path, self._handle)
             task_status.started()
 
 

@@ -11,11 +11,14 @@ loop.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
 import stat
-from typing import Awaitable, Callable
+import struct
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Collection
 
 import trio
 
@@ -26,37 +29,80 @@ ConnectionHandler = Callable[[trio.socket.SocketType], Awaitable[None]]
 
 
 def _prepare_socket_path(path: str) -> None:
+    """Make room for a listening socket at ``path``: nothing there, or a
+    socket nobody listens on any more (a stale one is removed).  A live
+    socket is never taken over, and anything that is not a socket is left
+    alone: both are errors."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(f"{path} exists and is not a socket")
-    os.unlink(path)
+        raise OSError(errno.EEXIST, "exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:  # nobody there: stale
+        os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError:  # a full backlog, a permission problem: someone's
+        pass
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "another process is listening there")
 
 
-async def listen_unix(path: str, *, backlog: int = 1, private: bool = True) -> trio.socket.SocketType:
+@dataclass
+class Listener:
+    """A listening unix socket and the inode it made at ``path``: closing
+    it removes ``path`` only if that is still the same socket (another
+    process may have replaced it meanwhile)."""
+
+    sock: trio.socket.SocketType
+    path: str
+    inode: tuple[int, int]
+
+    async def accept(self) -> tuple[trio.socket.SocketType, object]:
+        sock, address = await self.sock.accept()
+        return sock, address
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) == self.inode:
+            unlink_quietly(self.path)
+
+
+async def listen_unix(path: str, *, backlog: int = 1, private: bool = True) -> Listener:
     """A listening unix socket at ``path`` (a stale socket file there is
-    replaced; any other file is an error), created 0600 when ``private``."""
+    replaced; a live one or any other file is an error), created 0600 when
+    ``private``."""
     try:
         _prepare_socket_path(path)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror or exc}") from None
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177) if private else None
     try:
-        await listener.bind(path)
-        listener.listen(backlog)
+        await sock.bind(path)
+        sock.listen(backlog)
+        st = os.lstat(path)
     except OSError as exc:
-        listener.close()
+        sock.close()
         raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror or exc}") from None
     except BaseException:
-        listener.close()
+        sock.close()
         raise
     finally:
         if old_umask is not None:
             os.umask(old_umask)
-    return listener
+    return Listener(sock, path, (st.st_dev, st.st_ino))
 
 
 def unlink_quietly(path: str) -> None:
@@ -64,6 +110,12 @@ def unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def peer_uid(sock: trio.socket.SocketType) -> int:
+    """The uid of the process at the other end of a unix socket."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
 
 
 async def serve_unix(path: str, handler: ConnectionHandler, *,
@@ -85,13 +137,17 @@ async def serve_unix(path: str, handler: ConnectionHandler, *,
                 await handler(conn)
     finally:
         listener.close()
-        unlink_quietly(path)
 
 
 async def serve_client(path: str, handler: ConnectionHandler, *, max_backoff: float = 2.0,
+                       peer_uids: Collection[int] | None = None,
                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Connect to a front-end listening on ``path``; reconnect with
-    exponential backoff whenever it goes away or is not there yet."""
+    exponential backoff whenever it goes away or is not there yet.  The
+    front-end must run as one of ``peer_uids`` (default: our uid or root;
+    SO_PEERCRED): anyone who can create ``path`` could otherwise pose as
+    the front-end and feed us its memory."""
+    allowed = set(peer_uids) if peer_uids is not None else {os.getuid(), 0}
     started = False
     delay = 0.05
     while True:
@@ -110,6 +166,13 @@ async def serve_client(path: str, handler: ConnectionHandler, *, max_backoff: fl
         if not started:
             task_status.started()
             started = True
+        uid = peer_uid(conn)
+        if uid not in allowed:
+            conn.close()
+            log.error("%s: the front-end runs as uid %d, not one of %s (--allow-peer-uid); not served",
+                      path, uid, sorted(allowed))
+            await trio.sleep(max_backoff)
+            continue
         delay = 0.05
         log.info("connected to %s", path)
         with conn:

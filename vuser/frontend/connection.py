@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import trio
 
@@ -149,6 +149,9 @@ class FrontendChannel:
     def __init__(self, sock: trio.socket.SocketType, *, timeout: float = 5.0) -> None:
         self.stream = MessageStream(sock, strict=False)
         self.timeout = timeout
+        # on_send(message bytes, fds) -> (bytes, fds) actually sent: a hook
+        # for experiments that rewrite what a real front-end would send.
+        self.on_send: Callable[[bytes, list[int]], tuple[bytes, list[int]]] | None = None
         self.protocol_features = 0  # set once negotiated
         self.reply_ack = False   # set once REPLY_ACK is negotiated
         self.trace: list[TraceEntry] = []
@@ -164,15 +167,19 @@ class FrontendChannel:
 
     async def _send(self, code: int, flags: int, body: bytes, fds: Sequence[int],
                     name: str) -> None:
-        data = wire.encode_header(code, flags, len(body)) + body
+        data, sent_fds = wire.encode_header(code, flags, len(body)) + body, list(fds)
+        if self.on_send is not None:
+            # An experiment (a fuzzer) rewrites what goes out; the harness
+            # goes on as if its own message had been sent.
+            data, sent_fds = self.on_send(data, sent_fds)
         try:
-            await self.stream.send(data, fds)
+            await self.stream.send(data, sent_fds)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise BackendDisconnected(name, f"back-end closed the connection ({exc})") from None
         except OSError as exc:
             raise FrontendError(name, f"sending failed: {exc}") from None
-        self.trace.append(TraceEntry(name, code, flags | wire.VERSION, body, len(fds),
-                                     _decode_fields(code, body, len(fds))))
+        fields = _decode_fields(code, body, len(fds)) if self.on_send is None else None
+        self.trace.append(TraceEntry(name, code, flags | wire.VERSION, body, len(fds), fields))
         log.debug("-> %s flags=%#x size=%d fds=%d", name, flags | wire.VERSION, len(body), len(fds))
 
     async def _recv(self, name: str) -> Message:

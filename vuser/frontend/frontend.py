@@ -44,7 +44,7 @@ from vuser.frontend.memory import GuestRam, RamRegion
 from vuser.frontend.personality import HARNESS_PROTOCOL_FEATURES, Personality, get_personality
 from vuser.frontend.vring import DriverQueue
 from vuser.stream import Message, MessageStream, close_fds
-from vuser.transport import listen_unix, unlink_quietly
+from vuser.transport import listen_unix
 from vuser.virtio import Status, Transport, mask
 from vuser.wire import ProtocolFeature as PF
 from vuser.wire import Request
@@ -151,7 +151,6 @@ class Frontend:
                                               f"within {accept_timeout}s") from None
         finally:
             listener.close()
-            unlink_quietly(path)
         async with cls.over_socket(sock, **options) as fe:
             yield fe
 
