@@ -50,6 +50,25 @@
 
 /* ------------------------------------------------------------ helpers */
 
+/* What a unit of budget buys (net.h): a frame, or sixteen descriptors of
+ * a long chain (1024 zero-length ones cost as much as 64 frames), or an
+ * eighth of a software segment (cutting one costs about eight frames). */
+#define DESCS_PER_UNIT 16u
+#define SEGMENT_UNITS 8u
+
+/* Signed: spending past zero is fine (the frame in hand is finished). */
+static inline void spend(struct vu_net_switch *sw, int64_t units, uint32_t bytes)
+{
+    sw->units_left -= units;
+    sw->bytes_left -= bytes;
+}
+
+static inline int budget_left(const struct vu_net_switch *sw)
+{
+    return sw->units_left > 0 && sw->bytes_left > 0;
+}
+
+
 static inline uint8_t *seg_host(const struct vu_mem *mem, const struct vu_seg *s)
 {
     const struct vu_region *r;
@@ -799,9 +818,9 @@ static int deliver_segmented(struct vu_net_switch *sw, struct vu_net_port **dsts
         uint32_t n = payload - off < h->gso_size ? payload - off : h->gso_size;
         uint32_t seg_len = gso_segment(frame, &g, off, n, k, off + n >= payload, out);
 
-        /* Software segments are work: each one, to each port, spends a
-         * unit of the call's budget (the frame is finished regardless). */
-        sw->units_left = sw->units_left > ndst ? sw->units_left - ndst : 0;
+        /* Software segments are work: each one, to each port, spends
+         * budget (the frame is finished regardless). */
+        spend(sw, (int64_t)ndst * SEGMENT_UNITS, 0);
         for (uint32_t i = 0; i < ndst; i++) {
             if (seg_len > dsts[i]->max_frame) {
                 dsts[i]->stats.drops[VU_NET_DROP_TOO_BIG]++;
@@ -965,14 +984,8 @@ static void net_fault(struct vu_net_switch *sw)
     }
 }
 
-static inline void spend(struct vu_net_switch *sw, uint32_t bytes)
-{
-    sw->units_left = sw->units_left ? sw->units_left - 1 : 0;
-    sw->bytes_left = sw->bytes_left > bytes ? sw->bytes_left - bytes : 0;
-}
-
 /* Move the frame of tx chain k of the batch (nc chains) of port p. */
-static void tx_frame(struct vu_net_switch *sw, struct vu_net_port *p, uint32_t port, uint32_t qp,
+static inline __attribute__((always_inline)) void tx_frame(struct vu_net_switch *sw, struct vu_net_port *p, uint32_t port, uint32_t qp,
                      uint8_t *hdr, uint32_t hdr_len, uint32_t k, uint32_t nc)
 {
     const struct vu_chain *c = &sw->chains[k];
@@ -985,7 +998,7 @@ static void tx_frame(struct vu_net_switch *sw, struct vu_net_port *p, uint32_t p
     if (k + PREFETCH_AHEAD < nc)
         prefetch_chain(p->mem, &sw->chains[k + PREFETCH_AHEAD], sw->segs, 0);
     p->stats.tx_packets++;
-    spend(sw, c->out_len);
+    spend(sw, 1 + c->ndescs / DESCS_PER_UNIT, c->out_len);
     if (c->out_len < hdr_len) {
         p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
         return;
@@ -1019,27 +1032,32 @@ static uint32_t tx_batch(struct vu_net_switch *sw, struct vu_net_port *p, uint32
                          uint8_t *hdr, uint32_t hdr_len, uint32_t nc)
 {
     struct vu_guard_frame g;
-    volatile uint32_t i = 0;
+    uint32_t k;
 
-    while (i < nc) {
+    sw->tx_next = 0;
+    while (sw->tx_next < nc) {
         if (VU_GUARD_BEGIN(g)) {
+            /* A fault during frame sw->tx_next (a store the fence below kept
+             * in memory, whatever registers siglongjmp restored). */
             VU_GUARD_END(g);
+            k = sw->tx_next;
             net_fault(sw);
             if (p->faulted)
-                return i;
-            sw->tx_used[i].id = sw->chains[i].head;  /* the frame is lost; the chain goes back */
-            sw->tx_used[i].len = 0;
-            i++;
+                return k;
+            sw->tx_used[k].id = sw->chains[k].head;  /* the frame is lost; the chain goes back */
+            sw->tx_used[k].len = 0;
+            sw->tx_next = k + 1;
             continue;
         }
-        while (i < nc && sw->units_left && sw->bytes_left) {
-            tx_frame(sw, p, port, qp, hdr, hdr_len, i, nc);
-            i++;
+        for (k = sw->tx_next; k < nc && budget_left(sw); k++) {
+            sw->tx_next = k;
+            __atomic_signal_fence(__ATOMIC_SEQ_CST);
+            tx_frame(sw, p, port, qp, hdr, hdr_len, k, nc);
         }
         VU_GUARD_END(g);
-        break;
+        return k;
     }
-    return i;
+    return sw->tx_next;
 }
 
 static int tx_one_ring(struct vu_net_switch *sw, uint32_t port, uint32_t qp)
@@ -1053,11 +1071,11 @@ static int tx_one_ring(struct vu_net_switch *sw, uint32_t port, uint32_t qp)
 
     if (!ring_usable(tx) || p->faulted)
         return 0;
-    while (sw->units_left && sw->bytes_left) {
+    while (budget_left(sw)) {
         uint32_t want = TX_BATCH, nc = 0, ns = 0, done;
         int rc;
 
-        if (sw->units_left < want)
+        if (sw->units_left < (int64_t)want)
             want = (uint32_t)sw->units_left;
         rc = vu_vring_pop(tx, p->mem, sw->chains, want, sw->segs, VU_NET_SEGS, UINT64_MAX, &nc, &ns);
         prefetch_chains(p->mem, sw->chains, 0, PREFETCH_AHEAD, nc, sw->segs, 0);
@@ -1098,8 +1116,8 @@ static inline uint64_t now_us(void)
 /* What every entry point does first: the call's budget and clock. */
 static void begin_call(struct vu_net_switch *sw, uint64_t units, uint64_t bytes)
 {
-    sw->units_left = units ? units : UINT64_MAX;
-    sw->bytes_left = bytes ? bytes : UINT64_MAX;
+    sw->units_left = units ? (int64_t)units : INT64_MAX;
+    sw->bytes_left = bytes && bytes < INT64_MAX ? (int64_t)bytes : INT64_MAX;
     sw->now_ms = now_us() / 1000u;
 }
 
@@ -1128,7 +1146,7 @@ static int fd_rx(struct vu_net_switch *sw, uint32_t port)
             net_fault(sw);                  /* the frame is lost; go on with the next */
             continue;
         }
-        while (sw->units_left && sw->bytes_left) {
+        while (budget_left(sw)) {
             ssize_t n = read(p->fd, sw->scratch, VU_NET_HDR_MAX + VU_NET_FRAME_MAX);
             struct vnet_hdr h;
             uint32_t flen;
@@ -1145,7 +1163,7 @@ static int fd_rx(struct vu_net_switch *sw, uint32_t port)
             if (n == 0)
                 break;
             total++;
-            spend(sw, (uint32_t)n);
+            spend(sw, 1, (uint32_t)n);
             p->stats.tx_packets++;
             if ((size_t)n < VU_NET_HDR_MAX) {
                 p->stats.drops[VU_NET_DROP_BAD_HEADER]++;
@@ -1217,7 +1235,7 @@ int vu_net_poll(struct vu_net_switch *sw, uint32_t units, uint32_t spin_us)
         uint32_t n = poll_round(sw);
 
         total += n;
-        if (!spin_us || !sw->units_left)
+        if (!spin_us || sw->units_left <= 0)
             break;
         if (n) {
             idle_since = now_us();

@@ -38,9 +38,9 @@
  * DATA_VALID (spec 5.1.6.2.1), and vuser sets it only on frames whose
  * checksum it completed or computed itself.
  *
- * Work per call is bounded (issue 9): a budget of units (one per frame
- * taken, plus one per software segment per destination) and of bytes;
- * tx chains popped beyond it are given back.
+ * Work per call is bounded (issue 9): a budget of units (a frame taken is
+ * one, plus one per 16 descriptors of its chain; a software segment to one
+ * port is eight) and of bytes; tx chains popped beyond it are given back.
  *
  * Switch hygiene: the forwarding table is 4-way set-associative under a
  * keyed hash (SipHash-1-3, key from Python), so no frame can aim at a
@@ -204,8 +204,10 @@ struct vu_net_switch {
     uint32_t rx_hint;               /* frames left in the current tx batch */
     uint32_t rx_single;             /* destinations alternate: pop one at a time */
     /* budget of the running call (see the header comment) */
-    uint64_t units_left;
-    uint64_t bytes_left;
+    int64_t units_left;
+    int64_t bytes_left;
+    uint32_t tx_next;               /* the tx chain of the batch being moved (fault recovery) */
+    uint32_t reserved2;
 };
 
 /* Drain tx ring qp of vhost port `port` within a budget of `units` and

@@ -214,7 +214,7 @@ static int walk_chain(const struct vu_vring *vr, const struct vu_mem *mem, uint1
     }
 
     out->head = head;
-    out->reserved = 0;
+    out->ndescs = (uint16_t)total;
     out->nsegs = nsegs;
     out->nread = nread;
     out->out_len = (uint32_t)out_len;
@@ -270,9 +270,11 @@ static int vring_pop(struct vu_vring *vr, const struct vu_mem *mem,
             rc = w;
             goto broken;
         }
-        if (nc > 0 && bytes + chains[nc].out_len + chains[nc].in_len > max_bytes)
-            break;                          /* over the byte budget: not consumed */
-        bytes += (uint64_t)chains[nc].out_len + chains[nc].in_len;
+        if (max_bytes != UINT64_MAX) {      /* (C data paths keep their own budget) */
+            if (nc > 0 && bytes + chains[nc].out_len + chains[nc].in_len > max_bytes)
+                break;                      /* over the byte budget: not consumed */
+            bytes += (uint64_t)chains[nc].out_len + chains[nc].in_len;
+        }
         chains[nc].first_seg = ns;
         ns += chains[nc].nsegs;
         nc++;

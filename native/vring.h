@@ -149,7 +149,7 @@ struct vu_chain {
     uint32_t out_len;              /* device-readable bytes */
     uint32_t in_len;               /* device-writable bytes */
     uint16_t head;                 /* the id to give back in the used ring */
-    uint16_t reserved;
+    uint16_t ndescs;               /* buffer descriptors walked (zero-length ones too): the work */
 };
 
 struct vu_used_elem {

@@ -545,3 +545,23 @@ def test_forwarding_table_survives_a_flood_of_addresses(pair: Any) -> None:
         a.tx.get_used()
     assert sw.lookup(MACS[1]) == 1
     assert len(sw.fdb()) > 1900  # a few of A's own evicted each other in full sets
+
+
+def test_software_segmentation_spends_the_budget(pair: Any) -> None:
+    """A 62 KiB TCP frame with gso_size 32 becomes ~1900 segments for a
+    port without GSO: each one, to each port, spends a unit of the call's
+    budget, so one call stops after a few such frames and gives the rest of
+    the batch back (vhost-net bounds its runs the same way)."""
+    sw, a, b = pair(a={"tx_offloads": OFF_ALL}, b={"rx_offloads": 0})
+    frame = tcp_frame(os.urandom(62000), partial=True)
+    for _ in range(8):
+        a.send(frame, hdr=offload_hdr(frame, gso_size=32).pack(), split=False)
+    taken = sw.tx_burst(sw.ports[0], 0, 4096)
+    assert 1 <= taken <= 3
+    assert a.vq_tx.last_avail_idx == taken          # the others are still the guest's to give
+    total = taken
+    while total < 8:
+        n = sw.tx_burst(sw.ports[0], 0, 4096)
+        assert n >= 1
+        total += n
+    assert sw.stats()["segmented"] == 8

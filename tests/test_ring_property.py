@@ -447,7 +447,7 @@ def c_pop(vr: object, mem: object, max_chains: int, max_segs: int, max_bytes: in
     assert bytes(ffi.buffer(ffi.addressof(segs, max_segs), ffi.sizeof("struct vu_seg"))) == \
         bytes([CANARY]) * ffi.sizeof("struct vu_seg")
     return (rc,
-            [(c.first_seg, c.nsegs, c.nread, c.out_len, c.in_len, c.head, c.reserved) for c in chains[0:nc]],
+            [(c.first_seg, c.nsegs, c.nread, c.out_len, c.in_len, c.head, c.ndescs) for c in chains[0:nc]],
             [(s.offset, s.len, s.region, s.flags) for s in segs[0:ns]])
 
 

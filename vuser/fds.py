@@ -24,6 +24,8 @@ shared and eventfds cannot be reopened).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fcntl
 import os
 import select
@@ -107,6 +109,19 @@ def require_memory_file(fd: int, size: int, offset: int) -> os.stat_result:
         raise FdKindError(f"memory region ends at {offset + size:#x}, beyond the end of its file "
                           f"({st.st_size:#x} bytes)")
     return st
+
+
+TMPFS_MAGIC = 0x01021994      # linux/magic.h: tmpfs, shmem, memfd
+HUGETLBFS_MAGIC = 0x958458F6
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def fs_type(fd: int) -> int:
+    """The filesystem magic of the file behind ``fd`` (fstatfs f_type), or 0."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type comes first
+    if _libc.fstatfs(fd, buf) != 0:
+        return 0
+    return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
 
 
 def _ready(fd: int, event: int) -> bool:

@@ -286,6 +286,9 @@ class Handler:
         for slot in running:
             self._configure(slot, req)
             self.runtime.spawn(slot)
+        if self.runtime.ring_impl == "python" and not all(r.sealed for r in self.memory.regions):
+            log.warning("%s: guest memory that cannot be sealed, with the pure-Python ring (--ring python): "
+                        "a truncation of it would end the process", self.name)
         self.device.memory_changed(self.memory)
 
     # ------------------------------------------------------------ rings

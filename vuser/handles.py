@@ -58,7 +58,8 @@ class QueueHandle(_QueueView):
             return []
         chains = vq.pop_all(max_chains, max(budget.bytes, 0))
         budget.bytes -= sum(c.out_len + c.in_len for c in chains)
-        budget.segments -= sum(len(c.readable) + len(c.writable) for c in chains)
+        # Zero-length descriptors make no segment but are work all the same.
+        budget.segments -= sum(max(len(c.readable) + len(c.writable), c.descriptors) for c in chains)
         if vq.error is not None:
             # The chains before the bad one are good and are still served;
             # nothing after it is touched (the ring is marked broken).

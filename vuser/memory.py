@@ -26,10 +26,12 @@ regular file opened read-write that holds the whole region
 (``fds.require_memory_file``).  A memfd that allows it is sealed against
 shrinking on receipt (F_SEAL_SHRINK; QEMU's are sealed already), so the
 front-end can no longer truncate it under a mapping.  Files that cannot be
-sealed (hugetlbfs and tmpfs files, as DPDK and memory-backend-file use)
-are accepted with a warning: an access past a truncated end is caught by
-the SIGBUS guard of the C copies (``native/guard.c``) and fails the
-connection, not the process.
+sealed are accepted: hugetlbfs and tmpfs files (DPDK, memory-backend-file
+on /dev/shm) silently, any other filesystem with a warning.  An access
+past a truncated end is caught by the SIGBUS guard of the C paths and the
+guarded copies (``native/guard.c``, ``GuestMemory.read``/``write``) and
+fails that connection, not the process.  (The pure-Python ring reads ring
+memory unguarded: ``--ring python`` on unsealable memory is warned about.)
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import cffi
 
-from .fds import FdKindError, require_memory_file
+from .fds import HUGETLBFS_MAGIC, TMPFS_MAGIC, FdKindError, fs_type, require_memory_file
 
 try:
     from vuser._native import ffi as _ffi, lib as _lib
@@ -89,6 +91,7 @@ class Region:
             _check_spec(spec)
             require_memory_file(fd, spec.size, spec.mmap_offset)
             self.sealed = _seal_shrink(fd)
+            self.fs_type = fs_type(fd)
             self.page_size = _page_size(fd)
             self._delta = spec.mmap_offset % self.page_size
             self._mmap = mmap.mmap(fd, self._delta + spec.size, flags=mmap.MAP_SHARED,
@@ -261,6 +264,14 @@ class GuestMemory:
         for a, b in zip(ordered, ordered[1:]):
             if a.end > b.gpa:
                 raise MemoryAccessError(f"regions overlap: {_describe(a.spec)} and {_describe(b.spec)}")
+        for r in regions:
+            if r not in self._regions and not r.sealed and r.fs_type not in (TMPFS_MAGIC, HUGETLBFS_MAGIC):
+                # tmpfs and hugetlbfs files cannot be sealed, and that is
+                # normal (DPDK, memory-backend-file on /dev/shm); a file on
+                # any other filesystem is unusual: say so, and go on (the
+                # SIGBUS guard covers a truncation of it).
+                log.warning("region %s: its file (filesystem %#x) cannot be sealed against shrinking; "
+                            "a truncation would be caught by the SIGBUS guard", _describe(r.spec), r.fs_type)
         previous = len(self._regions)
         self._regions = regions
         self._by_gpa = ordered
@@ -372,15 +383,7 @@ class GuestMemory:
         if _lib is None:
             view[:len(data)] = data
             return
-        dst = _ffi.from_buffer(view, require_writable=True)
-        src = _ffi.from_buffer(data)
-        try:
-            rc = _lib.vu_guard_copy(dst, src, len(data))
-        finally:
-            _ffi.release(dst)
-            _ffi.release(src)
-        if rc:
-            raise MemoryAccessError("guest memory faulted: the front-end shrank a region under its mapping")
+        _guarded_copy(view, data)
 
     def read(self, view: memoryview) -> bytes:
         """The bytes of ``view`` (a view handed out by this memory), read
@@ -388,15 +391,7 @@ class GuestMemory:
         if _lib is None or not len(view):
             return bytes(view)
         out = bytearray(len(view))
-        dst = _ffi.from_buffer(out)
-        src = _ffi.from_buffer(view)
-        try:
-            rc = _lib.vu_guard_copy(dst, src, len(view))
-        finally:
-            _ffi.release(dst)
-            _ffi.release(src)
-        if rc:
-            raise MemoryAccessError("guest memory faulted: the front-end shrank a region under its mapping")
+        _guarded_copy(out, view)
         return bytes(out)
 
     def _region_at(self, gpa: int) -> Region | None:
@@ -461,3 +456,17 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def _guarded_copy(dst: memoryview | bytearray, src: bytes | bytearray | memoryview) -> None:
+    """len(src) bytes from src to dst with the SIGBUS guard armed (native.guard)."""
+    assert _lib is not None
+    d = _ffi.from_buffer(dst, require_writable=True)
+    s = _ffi.from_buffer(src)
+    try:
+        rc = _lib.vu_guard_copy(d, s, len(src))
+    finally:
+        _ffi.release(d)
+        _ffi.release(s)
+    if rc:
+        raise MemoryAccessError("guest memory faulted: the front-end shrank a region under its mapping")

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 # (chains still pending); it yields between any two rounds anyway.
 ROUNDS_PER_PASS = 64
 # What one round may take from the ring (vhost-net's per-run weight is
-# 512 KiB or 256 packets): bytes of the chains popped, and their segments.
+# 512 KiB or 256 packets): bytes of the chains popped, and their segments
+# (or descriptors, for chains of zero-length ones).
 ROUND_BYTES = 512 * 1024
 ROUND_SEGMENTS = 1024
 

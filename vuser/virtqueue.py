@@ -50,6 +50,7 @@ class Chain:
     writable: list[memoryview]
     out_len: int
     in_len: int
+    descriptors: int = 0  # buffer descriptors walked (zero-length ones too)
 
 
 def _check_num(num: int) -> None:
@@ -206,8 +207,8 @@ class VirtQueue:
             rc, batch, segs = self._ring.pop(self.memory, want, self._seg_cap, max_bytes)
             views = [(rw[r] if f else ro[r])[o:o + n] for o, n, r, f in segs]
             chains += [Chain(head, views[first:first + nread], views[first + nread:first + nsegs],
-                             out_len, in_len)
-                       for first, nsegs, nread, out_len, in_len, head, _ in batch]
+                             out_len, in_len, ndescs)
+                       for first, nsegs, nread, out_len, in_len, head, ndescs in batch]
             if rc < 0:
                 self.error = RingError(rc)
                 break

@@ -40,7 +40,7 @@ async def test_balloon_control_interface(tmp_path) -> None:
             extra += [a, args[i + 1]]
     async with VuserProcess("balloon", sock, control=control, args=["--stats-interval", "0.5"],
                             log_path=tmp_path / "vuser.log", start_timeout=10) as vp:
-        async with boot_guest("11", "bookworm", memory_mb=512, extra_args=extra) as guest:
+        async with boot_guest("11", "bookworm", memory_mb=512, extra_args=extra):
             status = await ctl(control, "status")
             assert status["connected"] and status["target"] == 0
             assert "VIRTIO_BALLOON_F_STATS_VQ" in status["negotiated_features"]

@@ -182,3 +182,24 @@ async def test_control_client_errors_stay_with_the_client(tmp_path: Path) -> Non
             from vuser.control import call
             assert (await call(str(tmp_path / "ctl"), "status"))["device"] == "rng"
             nursery.cancel_scope.cancel()
+
+
+async def test_full_blocking_call_eventfd_does_not_block_the_process(tmp_path: Path) -> None:
+    """The front-end clears O_NONBLOCK on the call eventfd it shares with
+    vuser and fills its counter: a write would block the whole process.
+    vuser polls first and counts a full counter as already signalled."""
+    with trio.fail_after(30):
+        async with bystander(tmp_path) as rounds, served(RngDevice(), tmp_path / "rng.sock") as runner:
+            async with Frontend.connect(str(tmp_path / "rng.sock")) as fe:
+                drv = Driver(fe)
+                await drv.probe()
+                q = drv.queue(0)
+                os.set_blocking(q.call_fd, True)
+                os.eventfd_write(q.call_fd, 0xFFFF_FFFF_FFFF_FFFE)  # the most a counter holds
+                before = rounds[0]
+                for _ in range(5):
+                    q.add_inbuf(64)
+                    q.kick(force=True)
+                    await trio.sleep(0.05)
+                await wait_until(lambda: rounds[0] > before, 10, "the bystander to be served meanwhile")
+                assert runner.status()["queues"][0]["buffers"] == 5

@@ -294,7 +294,7 @@ async def test_drops_are_counted(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with net_group(tmp_path) as (switch, devices, paths):
             async with connect(paths[0]) as fa, connect(paths[1]) as fb:
-                a, b = await probe(fa, decline=[F_CSUM]), await probe(fb)
+                a, _b = await probe(fa, decline=[F_CSUM]), await probe(fb)
                 a.send(eth(BCAST, MAC_A, bytes(50)))             # B has no rx buffers yet
                 a.send(b"\x01\x02\x03")                           # runt
                 a.send(eth(BCAST, MAC_A, bytes(50)), hdr=b"\x01" + bytes(11))  # NEEDS_CSUM: CSUM declined
@@ -344,7 +344,7 @@ async def test_send_rarp(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with net_group(tmp_path) as (switch, devices, paths):
             async with connect(paths[0]) as fa, connect(paths[1]) as fb:
-                a, b = await probe(fa), await probe(fb)
+                _a, b = await probe(fa), await probe(fb)
                 b.fill_rx()
                 await fa.request(Request.SEND_RARP, {"mac": MAC_A}, need_reply=True)
                 (_, frame), = await b.recv(1)

@@ -9,8 +9,9 @@ interface on hostile rings.
 
 A pop returns plain tuples, identical for every implementation:
 
-* chain ``(first_seg, nsegs, nread, out_len, in_len, head, 0)`` — the
-  field order of ``struct vu_chain``;
+* chain ``(first_seg, nsegs, nread, out_len, in_len, head, ndescs)`` —
+  the field order of ``struct vu_chain`` (``ndescs``: the buffer
+  descriptors walked, zero-length ones included: what the chain cost);
 * segment ``(offset, len, region, flags)`` — ``struct vu_seg``: region
   index into ``memory.regions``, offset in that region, ``SEG_WRITE`` for
   device-writable.

@@ -34,7 +34,7 @@ except ImportError:  # the pure-Python ring still works
     _ffi = _lib = None
 
 # Host-order layouts of struct vu_chain and struct vu_seg (checked below).
-_CHAIN = struct.Struct("=IIIIIHH")  # first_seg, nsegs, nread, out_len, in_len, head, reserved
+_CHAIN = struct.Struct("=IIIIIHH")  # first_seg, nsegs, nread, out_len, in_len, head, ndescs
 _SEG = struct.Struct("=QIHH")       # offset, len, region, flags
 
 if _ffi is not None:

@@ -179,7 +179,7 @@ class PySplitRing:
                 if head >= self.num:
                     raise _ChainError(ERR_HEAD)
                 try:
-                    chain_segs, out_len, in_len = self._walk(regions, head, max_segs - len(segs))
+                    chain_segs, out_len, in_len, ndescs = self._walk(regions, head, max_segs - len(segs))
                 except _NoSpace:
                     if not chains:
                         raise _ChainError(ERR_CHAIN_SEGS) from None
@@ -188,7 +188,7 @@ class PySplitRing:
                     break  # over the byte budget: not consumed
                 taken += out_len + in_len
                 nread = sum(1 for seg in chain_segs if not seg[3])
-                chains.append((len(segs), len(chain_segs), nread, out_len, in_len, head, 0))
+                chains.append((len(segs), len(chain_segs), nread, out_len, in_len, head, ndescs))
                 segs.extend(chain_segs)
                 self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
                 pending -= 1
@@ -201,7 +201,7 @@ class PySplitRing:
         return rc, chains, segs
 
     def _walk(self, regions: Sequence[RegionLike], head: int,
-              seg_room: int) -> tuple[list[SegTuple], int, int]:
+              seg_room: int) -> tuple[list[SegTuple], int, int, int]:
         table = self.desc
         limit = self.num
         i = head
@@ -266,7 +266,7 @@ class PySplitRing:
                     rem -= piece
 
             if not flags & DescFlag.NEXT:
-                return segs, out_len, in_len
+                return segs, out_len, in_len, total
             if nxt >= limit:
                 raise _ChainError(ERR_NEXT)
             i = nxt
