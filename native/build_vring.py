@@ -24,12 +24,12 @@ ffibuilder.set_source(
     # Relative to the project root: setuptools runs from there, and
     # compile() below switches to it (an absolute path would put the
     # object file under build/<absolute path>/).
-    sources=["native/guard.c", "native/vring.c", "native/net.c"],
+    sources=["native/guard.c", "native/vring.c", "native/vring_packed.c", "native/net.c"],
     include_dirs=[str(HERE)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror"],
 )
 
 if __name__ == "__main__":
     ffibuilder.compile(tmpdir=str(HERE.parent), verbose=True)
-    for name in HEADERS:  # build debris outside .gitignore
-        (HERE / name.replace(".h", ".o")).unlink(missing_ok=True)
+    for source in HERE.glob("*.o"):  # build debris outside .gitignore
+        source.unlink()

@@ -15,9 +15,9 @@
  * the order popped, filled at once, and their used elements batched per
  * ring.  Chains popped ahead and not used, and those of a frame that
  * cannot be completed (ring empty half-way through a mergeable frame,
- * chain too small), are given back by moving last_avail_idx back over them
- * (they were the last ones popped and nothing was published for them), as
- * libvhost-user's vu_queue_rewind does; rx_flush (after every tx batch
+ * chain too small), are given back with vu_vring_unpop (they were the last
+ * ones popped and nothing was published for them), as libvhost-user's
+ * vu_queue_rewind does; rx_flush (after every tx batch
  * and before every return to Python) gives back the popped-ahead ones.  A frame's used elements
  * are never split over two publications: Linux's receive_mergeable expects
  * all num_buffers of a frame to be there once the first one is.
@@ -221,14 +221,9 @@ static inline int ring_usable(const struct vu_vring *vr)
 }
 
 /* Give back the last n chains popped from vr (none was published). */
-static void rewind_avail(struct vu_vring *vr, uint32_t n)
+static inline void rewind_avail(struct vu_vring *vr, uint32_t n)
 {
-    if (!n || vr->broken)                   /* a broken ring is never read again */
-        return;
-    vr->last_avail_idx = (uint16_t)(vr->last_avail_idx - n);
-    /* vu_vring_pop moved avail_event past them; put it back. */
-    if (vr->event_idx && vr->notification)
-        vu_vring_set_notification(vr, 1);
+    (void)vu_vring_unpop(vr, n);            /* (cannot fail: they are the last pops, in flight) */
 }
 
 /* Give back the receive chains popped ahead and not used (the last ones

@@ -31,8 +31,6 @@ mutation that matters).
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import random
 import struct
 from dataclasses import dataclass, field
@@ -41,79 +39,32 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
+from ringworld import (
+    ADDRESSES,
+    EDGE_ADDRESSES,
+    LENGTHS,
+    RSIZE,
+    U16S,
+    WORLD_C,
+    WORLD_R,
+    Placer,
+    c_pop,
+    lib,
+    load,
+    random_buffer,
+    region_gpas,
+    resolve_address,
+    state,
+    facade_runs,
+    world_memory,
+)
 from vuser.rings import NativeSplitRing, PySplitRing
 from vuser.rings.base import MAX_INDIRECT, NO_BYTE_LIMIT, PopResult, RingMemory
 from vuser.rings.errors import ERROR_NAMES
 from vuser.rings.split_ref import DESC, U16, need_event, split_area_sizes
 from vuser.virtio import DescFlag
 
-native = pytest.importorskip("vuser._native")
-ffi, lib = native.ffi, native.lib
-
 NEXT, WRITE, INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
-
-PAGE = mmap.PAGESIZE
-PROT_NONE = 0
-SLOT_PAGES = 2
-RSIZE = SLOT_PAGES * PAGE          # every region is exactly this big
-NSLOTS = 3
-U64 = 1 << 64
-CANARY = 0xA5
-
-
-def slot_offset(i: int) -> int:
-    return (1 + i * (SLOT_PAGES + 1)) * PAGE   # guard, slot, guard, slot, guard, slot, guard
-
-
-class World:
-    """Host memory for up to NSLOTS regions, each fenced by guard pages."""
-
-    def __init__(self, guard: bool) -> None:
-        size = (1 + NSLOTS * (SLOT_PAGES + 1)) * PAGE
-        self.mm = mmap.mmap(-1, size)
-        self.handle = ffi.from_buffer(self.mm)
-        self.base = int(ffi.cast("uintptr_t", self.handle))
-        whole = memoryview(self.mm)
-        self.slots = [whole[slot_offset(i):slot_offset(i) + RSIZE] for i in range(NSLOTS)]
-        if guard:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            for i in range(NSLOTS + 1):
-                addr = self.base + (i * (SLOT_PAGES + 1)) * PAGE
-                assert libc.mprotect(addr, PAGE, PROT_NONE) == 0, ctypes.get_errno()
-
-    def host(self, slot: int, offset: int = 0) -> object:
-        return ffi.cast("uint8_t *", self.base + slot_offset(slot) + offset)
-
-
-WORLD_C = World(guard=True)
-WORLD_R = World(guard=False)
-
-
-@dataclass
-class RefRegion:
-    gpa: int
-    size: int
-    view: memoryview
-
-
-@dataclass
-class WorldMemory:
-    """A world's regions as a ring sees memory (``vuser.rings.base.RingMemory``)."""
-
-    regions: list[RefRegion]
-    native: object = None
-
-
-def world_memory(world: World, gpas: list[int]) -> WorldMemory:
-    regions = [RefRegion(gpa, RSIZE, world.slots[i]) for i, gpa in enumerate(gpas)]
-    if world is not WORLD_C:
-        return WorldMemory(regions)
-    mem = ffi.new("struct vu_mem *")
-    mem.nregions = len(gpas)
-    for i, gpa in enumerate(gpas):
-        mem.regions[i].gpa, mem.regions[i].size, mem.regions[i].host = gpa, RSIZE, world.host(i)
-    return WorldMemory(regions, mem)
 
 
 class GuardedNativeSplitRing(NativeSplitRing):
@@ -146,59 +97,6 @@ class Case:
     ops: list[tuple] = field(default_factory=list)
 
 
-U16S = st.one_of(st.integers(0, 0xFFFF), st.sampled_from([0, 1, 2, 7, 8, 31, 32, 33, 0x7FFF, 0x8000, 0xFFFE, 0xFFFF]))
-
-
-@st.composite
-def region_gpas(draw: st.DrawFn) -> list[int]:
-    n = draw(st.integers(1, NSLOTS))
-    gaps = [draw(st.sampled_from([0, 0, 16, PAGE, 0x10000, 0x12345000])) for _ in range(n - 1)]
-    span = n * RSIZE + sum(gaps)
-    top = draw(st.integers(0, 5)) == 0
-    if top:
-        start = U64 - span                    # the last region ends at 2^64
-    else:
-        start = draw(st.sampled_from([0, PAGE, 0x100000, 0xFFFF_0000, 0x1_0000_0000]))
-    gpas, cur = [], start
-    for i in range(n):
-        gpas.append(cur)
-        cur += RSIZE + (gaps[i] if i < n - 1 else 0)
-    if n > 1 and not top and draw(st.integers(0, 5)) == 0:
-        gpas[0] = U64 - RSIZE    # one region ends at 2^64, another starts at 0: buffers must not wrap
-        gpas[1] = 0
-    return gpas
-
-
-# Strategies are built once (building them per example costs more than
-# running the example); values that depend on the case (region addresses,
-# queue size, heads) are drawn abstractly and resolved against it.
-EDGE_ADDRESSES = st.one_of(
-    st.tuples(st.just("end"), st.integers(0, NSLOTS - 1), st.integers(-64, 64)),
-    st.tuples(st.just("before"), st.integers(0, NSLOTS - 1), st.integers(1, 64)),
-    st.tuples(st.just("abs"), st.integers(0, U64 - 1)),
-    st.tuples(st.just("top"), st.integers(1, 4096)),
-)
-ADDRESSES = st.one_of(st.tuples(st.just("in"), st.integers(0, NSLOTS - 1), st.integers(0, RSIZE - 1)),
-                      EDGE_ADDRESSES)
-
-
-def resolve_address(spec: tuple, gpas: list[int]) -> int:
-    kind = spec[0]
-    if kind == "abs":
-        return spec[1]
-    if kind == "top":
-        return U64 - spec[1]
-    gpa = gpas[spec[1] % len(gpas)]
-    if kind == "in":
-        return gpa + spec[2]
-    if kind == "end":
-        return (gpa + RSIZE + spec[2]) % U64
-    return (gpa - spec[2]) % U64
-
-
-LENGTHS = st.one_of(st.integers(0, 64), st.integers(0, RSIZE + 64),
-                    st.sampled_from([0, 8, 16 * 8, 16 * (MAX_INDIRECT + 1), RSIZE, 2 * RSIZE,
-                                     2**31, 2**32 - 16, 2**32 - 1]))
 FLAGS = st.one_of(st.sampled_from([0, NEXT, WRITE, NEXT | WRITE, INDIRECT, INDIRECT | NEXT, INDIRECT | WRITE]),
                   st.integers(0, 0xFFFF))
 # (field index in a descriptor [addr, len, flags, next], hostile value)
@@ -238,16 +136,6 @@ OPS = st.one_of(
 )
 
 
-def random_buffer(rnd: random.Random, gpas: list[int]) -> tuple[int, int]:
-    r = rnd.randrange(len(gpas))
-    length = rnd.choice([0, 1, 16, rnd.randint(1, 64), rnd.randint(1, 512)])
-    if length and rnd.random() < 0.02:       # runs off the region's end (into a neighbour?)
-        off = RSIZE - rnd.randint(1, length)
-    else:
-        off = rnd.randint(0, RSIZE - length)
-    return (gpas[r] + off) % U64, length
-
-
 def chain_descs(rnd: random.Random, gpas: list[int], order: list[int]) -> dict[int, list[int]]:
     """Descriptors at table positions ``order`` forming one chain, readable first."""
     split = rnd.randint(0, len(order))
@@ -257,23 +145,6 @@ def chain_descs(rnd: random.Random, gpas: list[int], order: list[int]) -> dict[i
         last = k == len(order) - 1
         out[i] = [addr, length, (WRITE if k >= split else 0) | (0 if last else NEXT), 0 if last else order[k + 1]]
     return out
-
-
-class Placer:
-    """Random (unaligned) spots for ring structures that do not overlap
-    each other, unless the case asks for overlaps."""
-
-    def __init__(self, rnd: random.Random, nregions: int, overlap: bool) -> None:
-        self.rnd, self.nregions, self.overlap = rnd, nregions, overlap
-        self.taken: list[tuple[int, int, int]] = []
-
-    def place(self, size: int) -> tuple[int, int]:
-        for _ in range(50):
-            r, off = self.rnd.randrange(self.nregions), self.rnd.randint(0, RSIZE - size)
-            if self.overlap or all(r != tr or off + size <= to or to + ts <= off for tr, to, ts in self.taken):
-                break
-        self.taken.append((r, off, size))
-        return r, off
 
 
 def build_ring(rnd: random.Random, gpas: list[int], num: int,
@@ -415,45 +286,9 @@ def ring_cases(draw: st.DrawFn, max_ops: int = 8) -> Case:
 
 # ---------------------------------------------------------------- running
 
-def load(case: Case) -> list[bytearray]:
-    """Write the case into both worlds; returns the expected memory image."""
-    rnd = random.Random(case.fill)
-    image = [bytearray(rnd.randbytes(RSIZE) if case.fill % 3 else RSIZE) for _ in case.gpas]
-    for r, off, data in case.writes:
-        image[r][off:off + len(data)] = data
-    for r, img in enumerate(image):
-        WORLD_C.slots[r][:] = img
-        WORLD_R.slots[r][:] = img
-    return image
-
-
-def state(ring: object) -> tuple[object, ...]:
-    return (ring.num, tuple(sorted(ring.snapshot().items())))  # type: ignore[attr-defined]
-
-
-def c_pop(vr: object, mem: object, max_chains: int, max_segs: int, max_bytes: int) -> PopResult:
-    chains = ffi.new("struct vu_chain[]", max_chains + 1)
-    segs = ffi.new("struct vu_seg[]", max_segs + 1)
-    ffi.memmove(ffi.addressof(chains, max_chains), bytes([CANARY]) * ffi.sizeof("struct vu_chain"),
-                ffi.sizeof("struct vu_chain"))
-    ffi.memmove(ffi.addressof(segs, max_segs), bytes([CANARY]) * ffi.sizeof("struct vu_seg"),
-                ffi.sizeof("struct vu_seg"))
-    counts = ffi.new("uint32_t[2]")
-    rc = lib.vu_vring_pop(vr, mem, chains, max_chains, segs, max_segs, max_bytes, counts, counts + 1)
-    nc, ns = counts[0], counts[1]
-    assert nc <= max_chains and ns <= max_segs
-    assert bytes(ffi.buffer(ffi.addressof(chains, max_chains), ffi.sizeof("struct vu_chain"))) == \
-        bytes([CANARY]) * ffi.sizeof("struct vu_chain")
-    assert bytes(ffi.buffer(ffi.addressof(segs, max_segs), ffi.sizeof("struct vu_seg"))) == \
-        bytes([CANARY]) * ffi.sizeof("struct vu_seg")
-    return (rc,
-            [(c.first_seg, c.nsegs, c.nread, c.out_len, c.in_len, c.head, c.ndescs) for c in chains[0:nc]],
-            [(s.offset, s.len, s.region, s.flags) for s in segs[0:ns]])
-
-
 def run_case(case: Case, layout: str = "split") -> dict[str, int]:
     """Returns counts: chains, segs, errors and a bit per error code seen."""
-    image = load(case)
+    image = load(case.gpas, case.fill, case.writes)
     n = len(case.gpas)
     ref_cls, cand_cls = PAIRS[layout]
     mem_c, mem_r = world_memory(WORLD_C, case.gpas), world_memory(WORLD_R, case.gpas)
@@ -616,46 +451,6 @@ def test_need_notify_with_event_idx_tracks_signalled_used(used0: int, last: int,
 def test_facade_native_equals_python(case: Case, max_segs: int | None) -> None:
     """VirtQueue(impl="native") and VirtQueue(impl="python") over real
     memfd GuestMemory: same chains (same bytes), same errors, same memory."""
-    import os
-
-    from vuser.memory import GuestMemory, RegionSpec
-    from vuser.virtqueue import VirtQueue
-
-    image = load(case)
-    runs = []
-    for impl in ("native", "python"):
-        mem = GuestMemory()
-        try:
-            for i, gpa in enumerate(case.gpas):
-                fd = os.memfd_create("vuser-prop", os.MFD_CLOEXEC)
-                os.pwrite(fd, bytes(image[i]), 0)
-                mem.add_region(fd, RegionSpec(gpa, RSIZE, 0x7F00_0000_0000 + i * 0x100_0000, 0))
-            vq = VirtQueue(mem, impl=impl, max_segs=max_segs)
-            ring = [case.gpas[r] + off for r, off in case.areas]
-            vq.configure(case.num, *ring, event_idx=case.event_idx, base=case.last_avail_idx)
-            trace: list[object] = []
-            outstanding: list[int] = []
-            for op in case.ops + [("pop", 64, 256, NO_BYTE_LIMIT)]:
-                if op[0] == "pop":
-                    chains = vq.pop_all(max(op[1], 1), op[3])
-                    trace.append([(c.head, [bytes(v) for v in c.readable], [bytes(v) for v in c.writable],
-                                   c.out_len, c.in_len) for c in chains])
-                    trace.append(vq.error.code if vq.error else 0)
-                    assert all(v.readonly for c in chains for v in c.readable)
-                    outstanding += [c.head for c in chains]
-                elif op[0] == "push":
-                    k = op[1]
-                    vq.push([(h, op[2] & 0xFFFF) for h in outstanding[:k]])
-                    del outstanding[:k]
-                elif op[0] == "notify":
-                    trace.append(vq.need_notify())
-                elif op[0] == "notification":
-                    vq.set_notification(op[1])
-                elif op[0] == "pending":
-                    trace.append(vq.avail_pending())
-                trace.append((vq.last_avail_idx, vq.used_idx, vq.broken))
-            trace.append(vq.stop())
-            runs.append((trace, [bytes(r.view) for r in mem.regions]))
-        finally:
-            mem.clear()
+    runs = facade_runs(case.gpas, case.fill, case.writes, case.areas, case.num, case.ops, layout="split",
+                       max_segs=max_segs, event_idx=case.event_idx, base=case.last_avail_idx)
     assert runs[0] == runs[1]

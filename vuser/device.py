@@ -79,12 +79,15 @@ class Feature:
 
 # Transport and ring features (virtio spec 6) the framework offers for every
 # device: the ring code implements both ring features (QEMU 7.2's rng turns
-# them on anyway, design.md), VERSION_1 makes the device transitional-capable
-# modern; a legacy driver simply does not accept it (seed 003).
+# them on anyway, design.md) and both ring layouts (RING_PACKED, spec 2.8;
+# `--without RING_PACKED` keeps drivers on split rings); VERSION_1 makes the
+# device transitional-capable modern; a legacy driver simply does not accept
+# it (seed 003).
 TRANSPORT_FEATURES: tuple[Feature, ...] = (
     Feature(Transport.INDIRECT_DESC),
     Feature(Transport.EVENT_IDX),
     Feature(Transport.VERSION_1),
+    Feature(Transport.RING_PACKED),
 )
 KNOWN_TRANSPORT_FEATURES: tuple[Feature, ...] = tuple(Feature(t) for t in Transport)
 

@@ -294,9 +294,11 @@ class Handler:
     # ------------------------------------------------------------ rings
 
     def _configure(self, slot: QueueSlot, req: wire.Request, base: int | None = None) -> None:
+        features = self.session.effective_features
         try:
-            self.runtime.configure(slot, event_idx=has(self.session.effective_features, Transport.EVENT_IDX),
-                                   base=base)
+            self.runtime.configure(slot, event_idx=has(features, Transport.EVENT_IDX), base=base,
+                                   packed=has(features, Transport.RING_PACKED),
+                                   in_order=has(features, Transport.IN_ORDER))
         except ValueError as exc:
             raise ProtocolError(req.name, str(exc)) from None
 

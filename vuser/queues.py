@@ -131,25 +131,35 @@ class QueueRuntime:
     # ------------------------------------------------------------ rings
 
     def configure(self, slot: QueueSlot, *, event_idx: bool, base: int | None = None,
-                  request: str = "SET_VRING_KICK") -> None:
-        """(Re)start the slot's ring from its size and addresses.  Raises
-        ValueError naming what is wrong when the ring is not in guest
+                  packed: bool = False, in_order: bool = False) -> None:
+        """(Re)start the slot's ring from its size and addresses, in the
+        layout the features chose.  Without ``base``, a running ring of the
+        same shape only moves (its addresses translated again after a
+        memory-table change or SET_VRING_ADDR), keeping every state field.
+        Raises ValueError naming what is wrong when the ring is not in guest
         memory."""
         if slot.addr is None or slot.num == 0:
             raise ValueError(f"queue {slot.index} started without size or addresses")
-        if slot.vq is None:
-            slot.vq = VirtQueue(self.memory, impl=self.ring_impl)
-        num = slot.num
-        desc_size, driver_size, device_size = slot.vq.ring.area_sizes(num)
+        layout = "packed" if packed else "split"
+        if slot.vq is None or slot.vq.layout != layout:
+            slot.vq = VirtQueue(self.memory, impl=self.ring_impl, layout=layout)
+        vq, num = slot.vq, slot.num
+        desc_size, driver_size, device_size = vq.ring.area_sizes(num)
         try:
             desc = self.memory.uva_to_gpa(slot.addr.desc, desc_size)
-            avail = self.memory.uva_to_gpa(slot.addr.avail, driver_size)
-            used = self.memory.uva_to_gpa(slot.addr.used, device_size)
-            last = base if base is not None else slot.vq.last_avail_idx
-            slot.vq.configure(num, desc, avail, used, event_idx=event_idx, base=last)
-        except (MemoryAccessError, RingError, ValueError) as exc:
+            driver = self.memory.uva_to_gpa(slot.addr.avail, driver_size)
+            device = self.memory.uva_to_gpa(slot.addr.used, device_size)
+            if base is None and vq.shaped(num, event_idx, in_order):
+                vq.relocate(desc, driver, device)
+            else:
+                last = base if base is not None else vq.last_avail_idx
+                vq.configure(num, desc, driver, device, event_idx=event_idx, base=last, in_order=in_order)
+        except MemoryAccessError as exc:
             slot.vq = None
             raise ValueError(f"queue {slot.index}: ring not in guest memory: {exc}") from None
+        except (RingError, ValueError) as exc:
+            slot.vq = None
+            raise ValueError(f"queue {slot.index}: {exc}") from None
 
     async def stop(self, slot: QueueSlot) -> int:
         """GET_VRING_BASE: stop the ring; the exact base to resume from."""

@@ -147,6 +147,14 @@ class UsedFlag(enum.IntFlag):
     NO_NOTIFY = 1
 
 
+class EventFlags(enum.IntEnum):
+    """Packed ring event suppression flags (RING_EVENT_FLAGS_*, spec 2.8.10)."""
+
+    ENABLE = 0
+    DISABLE = 1
+    DESC = 2
+
+
 class NetHdrFlag(enum.IntFlag):
     """virtio_net_hdr.flags (spec 5.1.6)."""
 

@@ -53,11 +53,6 @@ class Chain:
     descriptors: int = 0  # buffer descriptors walked (zero-length ones too)
 
 
-def _check_num(num: int) -> None:
-    if not 1 <= num <= MAX_QUEUE_SIZE or num & (num - 1):
-        raise ValueError(f"queue size {num} is not a power of 2 in 1..{MAX_QUEUE_SIZE}")
-
-
 class VirtQueue:
     """One virtqueue; see the module docstring."""
 
@@ -70,7 +65,7 @@ class VirtQueue:
         self._ring: Ring = cls()
         self._max_segs_wanted = max_segs
         self.error: RingError | None = None
-        self._params: tuple[int, tuple[int, int, int], bool] | None = None
+        self._params: tuple[int, tuple[int, int, int], bool, bool] | None = None
         self._generation = -1
         self._stopped_at = 0
         self._areas: list[memoryview] = []  # ring views keeping the rings mapped
@@ -81,21 +76,46 @@ class VirtQueue:
     # ------------------------------------------------------------ set-up
 
     def configure(self, num: int, desc_gpa: int, driver_gpa: int, device_gpa: int, *,
-                  event_idx: bool, base: int) -> None:
+                  event_idx: bool, base: int, in_order: bool = False) -> None:
         """SET_VRING_NUM/ADDR/BASE: (re)start the ring with fresh state
-        (split: used_idx is read from the used ring; errors are cleared).
-        The areas are guest-physical: split rings' descriptor table, avail
-        ring and used ring."""
-        _check_num(num)
+        (split: used_idx is read from the used ring; packed: both indexes
+        and wrap counters come from ``base``; errors are cleared).  The
+        areas are guest-physical: the descriptor area, driver area and
+        device area (split: descriptor table, avail ring, used ring;
+        packed: descriptor ring and the two event suppression structures).
+        ValueError for a queue size or base the layout does not allow."""
+        if not self._ring.num_ok(num):
+            raise ValueError(f"queue size {num} is not allowed for a {self.layout} ring "
+                             f"(1..{MAX_QUEUE_SIZE}{', a power of 2' if self.layout == 'split' else ''})")
         self._detach()
         self._params = None
         gpas = (desc_gpa, driver_gpa, device_gpa)
         self._attach(num, gpas)
-        rc = self._ring.init(num, self._areas, bool(event_idx), base)
-        if rc:  # cannot happen after the checks above
-            raise RingError(rc)
-        self._params = (num, gpas, bool(event_idx))
+        rc = self._ring.init(num, self._areas, bool(event_idx), base, in_order)
+        if rc:  # a packed base beyond the queue size
+            self._detach()
+            raise ValueError(f"{ERROR_NAMES[rc]}: {DESCRIPTIONS[rc]} (base {base:#x}, size {num})")
+        self._params = (num, gpas, bool(event_idx), bool(in_order))
         self.error = None
+
+    def shaped(self, num: int, event_idx: bool, in_order: bool) -> bool:
+        """Configured with this size and these ring features?"""
+        return self._ready() and self._params is not None and \
+            (self._params[0], self._params[2], self._params[3]) == (num, bool(event_idx), bool(in_order))
+
+    def relocate(self, desc_gpa: int, driver_gpa: int, device_gpa: int) -> None:
+        """The same running ring at (possibly) new guest-physical addresses:
+        every state field is kept, in-flight buffers included.
+        MemoryAccessError if the areas are not in guest memory."""
+        assert self._params is not None
+        num, _, event_idx, in_order = self._params
+        gpas = (desc_gpa, driver_gpa, device_gpa)
+        old = self._areas
+        self._attach(num, gpas)
+        self._ring.rebind(self._areas)
+        for a in old:
+            a.release()
+        self._params = (num, gpas, event_idx, in_order)
 
     def _attach(self, num: int, gpas: tuple[int, int, int]) -> None:
         """Find the ring areas in memory (MemoryAccessError if not)."""
@@ -127,18 +147,13 @@ class VirtQueue:
 
     def _follow_memory(self) -> None:
         assert self._params is not None
-        num, gpas, event_idx = self._params
-        state = self._ring.snapshot()
-        self._detach()
         try:
-            self._attach(num, gpas)
+            self.relocate(*self._params[1])
         except MemoryAccessError as exc:
             log.debug("ring no longer in guest memory after a table change: %s", exc)
-            self._stopped_at = state["last_avail_idx"]
+            self._stopped_at = self._ring.base()
             self._params = None
-            return
-        self._ring.init(num, self._areas, event_idx, state["last_avail_idx"])
-        self._ring.restore(state)
+            self._detach()
 
     # ------------------------------------------------------------ state
 
@@ -156,7 +171,8 @@ class VirtQueue:
 
     @property
     def last_avail_idx(self) -> int:
-        """Where the device resumes: GET_VRING_BASE's value."""
+        """Where the device resumes: GET_VRING_BASE's value (packed: the
+        vhost-user encoding of both indexes and wrap counters)."""
         if not self._ready():
             return self._stopped_at
         return self._ring.base()
@@ -219,6 +235,14 @@ class VirtQueue:
                     or not self.avail_pending()):
                 break
         return chains
+
+    def unpop(self, n: int) -> None:
+        """Give back the last ``n`` chains popped (nothing was pushed for
+        them): the next pop returns them again."""
+        if self._ready() and n:
+            rc = self._ring.unpop(n)
+            if rc:
+                raise ValueError(f"{ERROR_NAMES[rc]}: {DESCRIPTIONS[rc]}")
 
     def push(self, used: Sequence[tuple[int, int]]) -> None:
         """Return chains as (head, bytes written), publishing the used

@@ -50,7 +50,8 @@ from vuser.frontend.frontend import (
     PROTOCOL_FEATURES_BIT,
     Frontend,
 )
-from vuser.frontend.vring import LEGACY_ALIGN, DriverQueue
+from vuser.frontend.queue import DriverQueueBase
+from vuser.frontend.vring import LEGACY_ALIGN
 from vuser.virtio import Transport, mask
 from vuser.wire import ProtocolFeature as PF
 
@@ -60,7 +61,7 @@ Hook = Callable[["Driver"], "Awaitable[None] | None"]
 # Transport features the harness ring implements (Linux keeps these in
 # vring_transport_features when the device offers them).
 DEFAULT_TRANSPORT_FEATURES: tuple[int, ...] = (
-    Transport.INDIRECT_DESC, Transport.EVENT_IDX, Transport.VERSION_1)
+    Transport.INDIRECT_DESC, Transport.EVENT_IDX, Transport.VERSION_1, Transport.RING_PACKED)
 # Linux's modern PCI transport aligns the used ring to SMP_CACHE_BYTES.
 MODERN_ALIGN = 64
 
@@ -111,7 +112,7 @@ class Driver:
         self.written_features: list[int] = []  # every value the driver wrote
         self.negotiated_features: int | None = None
         self.status = 0
-        self.queues: dict[int, DriverQueue] = {}
+        self.queues: dict[int, DriverQueueBase] = {}
         self.config_cache: bytes | None = None
 
     # ---------------------------------------------------------- features
@@ -139,7 +140,7 @@ class Driver:
         bits the front-end never passes on (DPDK: EVENT_IDX)."""
         if self.fe.backend_features is None:
             raise FrontendError("GET_FEATURES", "the handshake has not read the device features")
-        hidden = PROTOCOL_FEATURES_BIT | self.fe.personality.strip_features
+        hidden = PROTOCOL_FEATURES_BIT | self.fe.stripped_features
         self.device_features = self.fe.backend_features & ~hidden
         return self.device_features
 
@@ -223,20 +224,23 @@ class Driver:
             return self.queue_size
         return self.queue_size.get(index, 256)
 
-    def find_vqs(self) -> dict[int, DriverQueue]:
-        """Allocate rings for the wanted queues, using EVENT_IDX and indirect
-        descriptors when accepted (vring_create_virtqueue)."""
+    def find_vqs(self) -> dict[int, DriverQueueBase]:
+        """Allocate rings for the wanted queues: packed when RING_PACKED was
+        accepted, using EVENT_IDX, indirect descriptors and in-order
+        completion when accepted (vring_create_virtqueue)."""
         wanted = self.wanted_queues if self.wanted_queues is not None else range(self.fe.num_queues)
         align = MODERN_ALIGN if self.has_feature(Transport.VERSION_1) else LEGACY_ALIGN
         for i in wanted:
             self.queues[i] = self.fe.new_queue(
                 i, self._size_of(i), align=align,
+                packed=self.has_feature(Transport.RING_PACKED),
                 event_idx=self.has_feature(Transport.EVENT_IDX),
                 indirect=self.has_feature(Transport.INDIRECT_DESC),
+                in_order=self.has_feature(Transport.IN_ORDER),
                 callbacks=self.callbacks)
         return self.queues
 
-    def queue(self, index: int) -> DriverQueue:
+    def queue(self, index: int) -> DriverQueueBase:
         try:
             return self.queues[index]
         except KeyError:

@@ -42,6 +42,8 @@ from vuser.frontend.connection import (
 )
 from vuser.frontend.memory import GuestRam, RamRegion
 from vuser.frontend.personality import HARNESS_PROTOCOL_FEATURES, Personality, get_personality
+from vuser.frontend.packed import PackedDriverQueue
+from vuser.frontend.queue import DriverQueueBase
 from vuser.frontend.vring import DriverQueue
 from vuser.stream import Message, MessageStream, close_fds
 from vuser.transport import listen_unix
@@ -70,8 +72,12 @@ class Frontend:
                  config_size: int | None = None,
                  timeout: float = 5.0,
                  protocol_features: int | None = None,
+                 packed: bool = False,
                  on_backend_message: BackendHandler | None = None) -> None:
         self.personality = get_personality(personality)
+        # QEMU's `packed=on` device property, DPDK's `packed_vq=1`: without
+        # it the guest never sees VIRTIO_F_RING_PACKED (virtio spec 2.8).
+        self.packed = packed
         self.conn = FrontendChannel(sock, timeout=timeout)
         self.memory = memory
         self.config_size = config_size
@@ -94,9 +100,9 @@ class Frontend:
         self.acked_features: int | None = None       # last SET_FEATURES value
         self.negotiated_features: int | None = None  # features confirmed by FEATURES_OK (or start)
         self.status = 0                              # last status sent with SET_STATUS
-        self.started_queues: dict[int, DriverQueue] = {}
+        self.started_queues: dict[int, DriverQueueBase] = {}
         self.vring_bases: dict[int, int] = {}        # from GET_VRING_BASE, reused at restart
-        self.queues: dict[int, DriverQueue] = {}
+        self.queues: dict[int, DriverQueueBase] = {}
         self.backend_channel = BackendChannel(on_backend_message)
         self._connect_fds: list[int] = []   # masked call / err eventfds of the connect phase
 
@@ -487,14 +493,35 @@ class Frontend:
 
     # ---------------------------------------------------------- queues
 
-    def new_queue(self, index: int, num: int = 256, **options: Any) -> DriverQueue:
+    @property
+    def stripped_features(self) -> int:
+        """Device feature bits the guest never sees (and SET_FEATURES never
+        carries): the personality's, and RING_PACKED unless ``packed``."""
+        return self.personality.strip_features | (0 if self.packed else mask(Transport.RING_PACKED))
+
+    def new_queue(self, index: int, num: int = 256, *, packed: bool | None = None,
+                  **options: Any) -> DriverQueueBase:
         """Allocate the driver side of queue ``index`` in guest memory (its
-        fds are closed with the front-end).  Options: see DriverQueue."""
+        fds are closed with the front-end), a packed ring when ``packed``
+        (default: the front-end's ``packed``).  Options: see DriverQueue and
+        PackedDriverQueue."""
         if index in self.queues:
             self.queues[index].close()
-        q = DriverQueue(self.memory, index, num, **options)
+        q: DriverQueueBase
+        if self.packed if packed is None else packed:
+            options.pop("align", None)
+            q = PackedDriverQueue(self.memory, index, num, **options)
+        else:
+            options.pop("in_order", None)
+            q = DriverQueue(self.memory, index, num, **options)
         self.queues[index] = q
         return q
+
+    def initial_base(self, q: DriverQueueBase) -> int:
+        """SET_VRING_BASE for a queue the back-end has not stopped yet."""
+        if isinstance(q, PackedDriverQueue):
+            return q.initial_base(avail_half_only=self.personality.packed_base_avail_only)
+        return 0
 
     # ---------------------------------------------------------- phases
 
@@ -568,7 +595,7 @@ class Frontend:
                 raise FeaturesRefused(features, status)
         self.negotiated_features = features
 
-    async def start(self, queues: Mapping[int, DriverQueue], *, features: int | None,
+    async def start(self, queues: Mapping[int, DriverQueueBase], *, features: int | None,
                     features_ok: bool = True, driver_ok: bool = True) -> None:
         """Start the device as the front-end does at guest DRIVER_OK.
 
@@ -586,17 +613,18 @@ class Frontend:
             await self.set_status(ACKNOWLEDGE)
             await self.set_status(ACKNOWLEDGE | DRIVER)
         if features is not None:
-            await self.set_features(features & ~p.strip_features)
+            features &= ~self.stripped_features
+            await self.set_features(features)
             if features_ok:
-                await self._features_ok(features & ~p.strip_features)
+                await self._features_ok(features)
             else:
-                self.negotiated_features = features & ~p.strip_features
+                self.negotiated_features = features
         await self._send_mem_table()
         for i in order:
             q = queues[i]
             desc, avail, used = q.user_addresses()
             await self.set_vring_num(i, q.num)
-            await self.set_vring_base(i, self.vring_bases.get(i, 0))
+            await self.set_vring_base(i, self.vring_bases.get(i, self.initial_base(q)))
             await self.set_vring_addr(i, desc, used, avail)
             await self.set_vring_kick(i, q.kick_fd)
             if not p.start_call_first:

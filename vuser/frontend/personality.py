@@ -54,6 +54,7 @@ class Personality:
     # Start (guest DRIVER_OK).
     start_call_first: bool = False       # SET_VRING_CALL per queue before SET_FEATURES (DPDK)
     strip_features: int = 0              # bits never sent in SET_FEATURES
+    packed_base_avail_only: bool = False  # packed SET_VRING_BASE carries only the avail half (DPDK)
     use_mem_slots: bool = True           # ADD_MEM_REG instead of SET_MEM_TABLE with CONFIGURE_MEM_SLOTS
     status_style: Literal["qemu", "dpdk"] = "qemu"
     verify_features_ok: bool = True      # GET_STATUS after FEATURES_OK to see it stuck
@@ -105,6 +106,8 @@ DPDK = Personality(
     connect_err=False,
     start_call_first=True,
     strip_features=mask(Transport.EVENT_IDX),
+    # virtio_user_dev.c sends `1 << 15` for a packed ring: the avail half only.
+    packed_base_avail_only=True,
     use_mem_slots=False,
     status_style="dpdk",
     enable_all_queues=False,

@@ -20,40 +20,34 @@ between the ring writes and the index store needs no barrier here: CPython
 stores to the shared mapping in program order and x86/arm64 back-ends read
 the index with acquire semantics.
 
-Resource handling: a ``DriverQueue`` owns its kick and call eventfds;
-``close()`` closes them.  Its ring and buffers live in the caller's
-``GuestRam``.
+What does not depend on the layout (buffers, eventfds, waiting) is
+``queue.DriverQueueBase``; the packed ring's driver side is packed.py.
 """
 
 from __future__ import annotations
 
 import collections
-import errno
-import os
 from dataclasses import dataclass
-from typing import Any, Sequence
-
-import trio
+from typing import Any
 
 from vuser.frontend.memory import GuestRam
+from vuser.frontend.queue import (
+    DriverQueueBase,
+    InFlight,
+    QueueFull,
+    QueueStats,
+    QueueTimeout,
+    Segment,
+    UsedElem,
+    UsedRingError,
+)
 from vuser.rings.base import MAX_QUEUE_SIZE
-from vuser.rings.split_ref import DESC_SIZE, USED_ELEM_SIZE
+from vuser.rings.chain_ref import DESC_SIZE
+from vuser.rings.split_ref import USED_ELEM_SIZE
 from vuser.rings.split_ref import need_event as vring_need_event
 from vuser.virtio import AvailFlag, DescFlag, UsedFlag
 # Linux's legacy PCI alignment; modern transports accept smaller ones.
 LEGACY_ALIGN = 4096
-
-
-class UsedRingError(Exception):
-    """The device put something impossible in the used ring."""
-
-
-class QueueFull(Exception):
-    """Not enough free descriptors for the chain."""
-
-
-class QueueTimeout(Exception):
-    """Nothing (or not enough) came back on the used ring in time."""
 
 
 def _align_up(value: int, align: int) -> int:
@@ -116,47 +110,7 @@ class SplitLayout:
         return 4 + USED_ELEM_SIZE * self.num
 
 
-@dataclass
-class Segment:
-    """One buffer of a chain: guest-physical address, length, device-writable?"""
-
-    gpa: int
-    length: int
-    writable: bool
-
-
-@dataclass
-class _Chain:
-    head: int
-    descs: list[int]
-    segments: list[Segment]
-    indirect_table: int | None
-    owned: bool
-    token: Any
-
-
-@dataclass(frozen=True)
-class UsedElem:
-    """A completed chain: its head, the length the device reported, the bytes
-    it wrote (device-writable buffers, truncated to ``length``) and the
-    token given when the chain was added."""
-
-    head: int
-    length: int
-    data: bytes
-    token: Any = None
-
-
-@dataclass
-class QueueStats:
-    added: int = 0
-    completed: int = 0
-    kicks: int = 0
-    kicks_suppressed: int = 0
-    calls: int = 0
-
-
-class DriverQueue:
+class DriverQueue(DriverQueueBase):
     """The driver's half of one split virtqueue; see the module docstring.
 
     ``event_idx`` and ``indirect`` say whether the driver uses those
@@ -164,32 +118,26 @@ class DriverQueue:
     turning them on regardless, as QEMU 7.2's vhost-user-rng does).
     """
 
+    ring_layout = "split"
+
     def __init__(self, memory: GuestRam, index: int, num: int, *, align: int = LEGACY_ALIGN,
                  region: int | None = None, event_idx: bool = False, indirect: bool = False,
                  callbacks: bool = True, check_size: bool = True) -> None:
         if check_size and not (1 <= num <= MAX_QUEUE_SIZE and num & (num - 1) == 0):
             raise ValueError(f"queue size {num} is not a power of 2 in 1..{MAX_QUEUE_SIZE}")
-        self.memory = memory
-        self.index = index
-        self.num = num
+        super().__init__(memory, index, num, event_idx=event_idx, indirect=indirect)
         self.layout = SplitLayout(num, align)
-        self.event_idx = event_idx
-        self.indirect = indirect
         self.base = memory.alloc(self.layout.size, max(align, DESC_SIZE),
                                  region=memory.largest_region() if region is None else region)
         memory.fill(self.base, self.layout.size)
         self.desc_gpa = self.base + self.layout.desc_offset
         self.avail_gpa = self.base + self.layout.avail_offset
         self.used_gpa = self.base + self.layout.used_offset
-        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.avail_idx = 0        # shadow of avail->idx
         self.last_used_idx = 0    # next used entry to read
         self.num_added = 0        # added since the last kick decision
         self.avail_flags = 0 if callbacks else int(AvailFlag.NO_INTERRUPT)
         self._free: collections.deque[int] = collections.deque(range(num))
-        self._in_flight: dict[int, _Chain] = {}
-        self.stats = QueueStats()
         if not callbacks and not event_idx:
             self._write_avail_flags()
 
@@ -199,18 +147,12 @@ class DriverQueue:
     def num_free(self) -> int:
         return len(self._free)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
     def addresses(self) -> tuple[int, int, int]:
         """(desc, avail, used) guest-physical addresses."""
         return self.desc_gpa, self.avail_gpa, self.used_gpa
 
-    def user_addresses(self) -> tuple[int, int, int]:
-        """(desc, avail, used) front-end virtual addresses, for SET_VRING_ADDR."""
-        m = self.memory
-        return m.gpa_to_uva(self.desc_gpa), m.gpa_to_uva(self.avail_gpa), m.gpa_to_uva(self.used_gpa)
+    def describe(self) -> str:
+        return f"avail idx {self.avail_idx}, used idx {self.read_used_idx()}"
 
     # ---------------------------------------------------------- raw ring access
 
@@ -259,52 +201,6 @@ class DriverQueue:
 
     # ---------------------------------------------------------- adding buffers
 
-    def add_outbuf(self, data: bytes, *, token: Any = None) -> int:
-        return self.add_chain(out=[data], token=token)
-
-    def add_inbuf(self, size: int, *, token: Any = None) -> int:
-        return self.add_chain(in_=[size], token=token)
-
-    def add_chain(self, out: Sequence[bytes] = (), in_: Sequence[int] = (), *,
-                  indirect: bool | None = None, token: Any = None, publish: bool = True,
-                  poison: int = 0) -> int:
-        """Allocate buffers in guest memory and add them as one chain:
-        device-readable ``out`` buffers first, then device-writable buffers
-        of the sizes in ``in_`` (filled with ``poison``).  ``indirect``
-        None follows Linux: an indirect table when the queue uses indirect
-        descriptors and the chain has more than one buffer.  Returns the head."""
-        total = len(out) + len(in_)
-        if total == 0:
-            raise ValueError("a chain needs at least one buffer")
-        use_indirect = (self.indirect and total > 1) if indirect is None else indirect
-        if not use_indirect and total > len(self._free):
-            raise QueueFull(f"queue {self.index}: {total} descriptors needed, {len(self._free)} free")
-        segments: list[Segment] = []
-        try:
-            for data in out:
-                gpa = self.memory.alloc(len(data), 8)
-                self.memory.write(gpa, data)
-                segments.append(Segment(gpa, len(data), False))
-            for size in in_:
-                gpa = self.memory.alloc(size, 8)
-                self.memory.fill(gpa, size, poison)
-                segments.append(Segment(gpa, size, True))
-        except BaseException:
-            for seg in segments:
-                self.memory.free(seg.gpa)
-            raise
-        return self._add(segments, use_indirect, token, publish, owned=True)
-
-    def add_segments(self, segments: Sequence[Segment | tuple[int, int, bool]], *,
-                     indirect: bool = False, token: Any = None, publish: bool = True) -> int:
-        """Add a chain over caller-chosen guest addresses (no allocation, no
-        checks: addresses outside memory, zero lengths, read-after-write
-        order are all allowed for hostile tests)."""
-        segs = [s if isinstance(s, Segment) else Segment(*s) for s in segments]
-        if not segs:
-            raise ValueError("a chain needs at least one buffer")
-        return self._add(segs, indirect, token, publish, owned=False)
-
     def _add(self, segments: list[Segment], indirect: bool, token: Any, publish: bool,
              owned: bool) -> int:
         table: int | None = None
@@ -330,7 +226,7 @@ class DriverQueue:
                 flags = (DescFlag.WRITE if seg.writable else 0) | (0 if last else DescFlag.NEXT)
                 self.write_desc(descs[i], seg.gpa, seg.length, flags, 0 if last else descs[i + 1])
             head = descs[0]
-        self._in_flight[head] = _Chain(head, descs, segments, table, owned, token)
+        self._in_flight[head] = InFlight(head, descs, segments, table, owned, token)
         self.stats.added += 1
         self.push_avail(head, publish=publish)
         return head
@@ -345,19 +241,6 @@ class DriverQueue:
         if self.event_idx:
             return vring_need_event(self.read_avail_event(), new, old)
         return not self.read_used_flags() & UsedFlag.NO_NOTIFY
-
-    def notify(self) -> None:
-        """Signal the kick eventfd unconditionally."""
-        os.eventfd_write(self.kick_fd, 1)
-        self.stats.kicks += 1
-
-    def kick(self, *, force: bool = False) -> bool:
-        """Kick if the device asked for it (or ``force``); returns whether it did."""
-        if self.kick_prepare() or force:
-            self.notify()
-            return True
-        self.stats.kicks_suppressed += 1
-        return False
 
     def disable_callbacks(self) -> None:
         """Linux virtqueue_disable_cb_split."""
@@ -380,25 +263,6 @@ class DriverQueue:
         self._write_used_event(self.last_used_idx)
         return self.read_used_idx() == self.last_used_idx
 
-    def drain_calls(self) -> int:
-        """Read (and reset) the call eventfd counter; returns the signal count."""
-        try:
-            n = os.eventfd_read(self.call_fd)
-        except BlockingIOError:
-            return 0
-        self.stats.calls += n
-        return n
-
-    async def wait_call(self, timeout: float) -> int:
-        """Wait up to ``timeout`` seconds for the device to signal the call
-        eventfd; returns how many signals were counted (0 on timeout)."""
-        n = self.drain_calls()
-        if n:
-            return n
-        with trio.move_on_after(timeout):
-            await trio.lowlevel.wait_readable(self.call_fd)
-        return self.drain_calls()
-
     # ---------------------------------------------------------- completions
 
     def get_used(self) -> list[UsedElem]:
@@ -419,12 +283,11 @@ class DriverQueue:
             if chain is None:
                 raise UsedRingError(f"queue {self.index}: used id {head} at used idx "
                                     f"{self.last_used_idx} is not the head of a chain in flight")
-            writable = sum(s.length for s in chain.segments if s.writable)
-            if length > writable:
+            try:
+                out.append(self._completed(chain, length))
+            except UsedRingError:
                 self._in_flight[head] = chain
-                raise UsedRingError(f"queue {self.index}: used len {length} for head {head} exceeds "
-                                    f"its {writable} device-writable bytes")
-            out.append(UsedElem(head, length, self._read_written(chain, length), chain.token))
+                raise
             self._detach(chain)
             self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
         if out and not self.avail_flags & AvailFlag.NO_INTERRUPT and self.event_idx:
@@ -432,59 +295,11 @@ class DriverQueue:
         self.stats.completed += len(out)
         return out
 
-    def _read_written(self, chain: _Chain, length: int) -> bytes:
-        parts = []
-        left = length
-        for seg in chain.segments:
-            if not seg.writable or left <= 0:
-                continue
-            take = min(left, seg.length)
-            parts.append(self.memory.read(seg.gpa, take))
-            left -= take
-        return b"".join(parts)
-
-    def _detach(self, chain: _Chain) -> None:
+    def _detach(self, chain: InFlight) -> None:
         # Linux detach_buf_split puts the freed chain at the head of the
         # free list, so the next chain reuses these descriptors first.
         self._free.extendleft(reversed(chain.descs))
-        if chain.indirect_table is not None:
-            self.memory.free(chain.indirect_table)
-        if chain.owned:
-            for seg in chain.segments:
-                self.memory.free(seg.gpa)
-
-    async def wait_used(self, count: int = 1, timeout: float = 5.0,
-                        poll_interval: float = 0.05) -> list[UsedElem]:
-        """Wait until at least ``count`` chains completed; returns all the
-        completions collected.  Waits on the call eventfd but also polls
-        every ``poll_interval`` s, since a device may rightly skip a call
-        (NO_INTERRUPT, EVENT_IDX) — ``stats.calls`` tells whether it called."""
-        got: list[UsedElem] = []
-        try:
-            with trio.fail_after(timeout):
-                while True:
-                    self.drain_calls()
-                    got.extend(self.get_used())
-                    if len(got) >= count:
-                        return got
-                    await self.wait_call(poll_interval)
-        except trio.TooSlowError:
-            raise QueueTimeout(f"queue {self.index}: {len(got)} of {count} used elements after "
-                               f"{timeout}s (avail idx {self.avail_idx}, used idx "
-                               f"{self.read_used_idx()})") from None
-
-    # ---------------------------------------------------------- teardown
-
-    def close(self) -> None:
-        for name in ("kick_fd", "call_fd"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError as exc:  # pragma: no cover
-                    if exc.errno != errno.EBADF:
-                        raise
-                setattr(self, name, -1)
+        self._free_buffers(chain)
 
 
 __all__ = [

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from .base import Ring
 from .errors import RingError
-from .split_native import NativeSplitRing, native_available
+from .native import NativePackedRing, NativeSplitRing, native_available
+from .packed_ref import PyPackedRing
 from .split_ref import PySplitRing
 
 RING_CLASSES: dict[tuple[str, str], type[Ring]] = {
     ("split", "native"): NativeSplitRing,
     ("split", "python"): PySplitRing,
+    ("packed", "native"): NativePackedRing,
+    ("packed", "python"): PyPackedRing,
 }
 IMPLS = ("native", "python")
-LAYOUTS = ("split",)
+LAYOUTS = ("split", "packed")
 
 
 def ring_class(layout: str, impl: str) -> type[Ring]:
@@ -28,5 +31,5 @@ def ring_class(layout: str, impl: str) -> type[Ring]:
                          f"(have {', '.join(f'{l}/{i}' for l, i in RING_CLASSES)})") from None
 
 
-__all__ = ["IMPLS", "LAYOUTS", "NativeSplitRing", "PySplitRing", "Ring", "RingError", "native_available",
-           "ring_class"]
+__all__ = ["IMPLS", "LAYOUTS", "NativePackedRing", "NativeSplitRing", "PyPackedRing", "PySplitRing", "Ring",
+           "RingError", "native_available", "ring_class"]

@@ -1,7 +1,8 @@
 """The ring interface: what every ring implementation offers the virtqueue.
 
-A ring is the device side of one virtqueue's memory layout (split now,
-packed later), in C (``native/``) or in pure Python (the reference twin).
+A ring is the device side of one virtqueue's memory layout (split, spec
+2.7, or packed, 2.8), in C (``native/``) or in pure Python (the reference
+twin).
 Implementations are classes of the ``Ring`` protocol; ``vuser.virtqueue``
 picks one by (layout, impl) and never branches on which it got, and the
 property suite compares the two implementations of each layout through this
@@ -10,14 +11,18 @@ interface on hostile rings.
 A pop returns plain tuples, identical for every implementation:
 
 * chain ``(first_seg, nsegs, nread, out_len, in_len, head, ndescs)`` —
-  the field order of ``struct vu_chain`` (``ndescs``: the buffer
-  descriptors walked, zero-length ones included: what the chain cost);
+  the field order of ``struct vu_chain`` (``head``: the id to push back,
+  the head descriptor's index for split rings and the buffer id for packed
+  ones; ``ndescs``: the buffer descriptors walked, zero-length ones
+  included: what the chain cost);
 * segment ``(offset, len, region, flags)`` — ``struct vu_seg``: region
   index into ``memory.regions``, offset in that region, ``SEG_WRITE`` for
   device-writable.
 
 Semantics shared by all (zero-length descriptors, region spanning,
-segment space, sticky errors) are documented once, in ``native/vring.h``.
+segment space, sticky errors) and the packed ring's own (wrap counters,
+buffer ids, batched used descriptors, the vhost-user base encoding) are
+documented once, in ``native/vring.h``.
 """
 
 from __future__ import annotations
@@ -61,17 +66,28 @@ class Ring(Protocol):
     """One ring's device side.  Methods return 0 / a count / a flag, or a
     negative error code (``vuser.rings.errors``)."""
 
-    layout: ClassVar[str]   # "split"
+    layout: ClassVar[str]   # "split" or "packed"
     impl: ClassVar[str]     # "native" or "python"
 
     @staticmethod
     def area_sizes(num: int) -> tuple[int, int, int]:
-        """Bytes of the descriptor table, driver area and device area."""
+        """Bytes of the descriptor area, driver area and device area."""
         ...
 
-    def init(self, num: int, areas: Sequence[memoryview], event_idx: bool, base: int) -> int:
+    @staticmethod
+    def num_ok(num: int) -> bool:
+        """Is ``num`` a queue size this layout allows?"""
+        ...
+
+    def init(self, num: int, areas: Sequence[memoryview], event_idx: bool, base: int,
+             in_order: bool = False) -> int:
         """Start over on these areas (writable views of the sizes above);
-        ``base`` is SET_VRING_BASE's value."""
+        ``base`` is SET_VRING_BASE's value; ``in_order``: VIRTIO_F_IN_ORDER."""
+        ...
+
+    def rebind(self, areas: Sequence[memoryview]) -> int:
+        """The same ring, every state field kept, at new views of its areas
+        (the memory table was replaced)."""
         ...
 
     def clear(self) -> None:
@@ -90,6 +106,11 @@ class Ring(Protocol):
         that do not fit 32 bits."""
         ...
 
+    def unpop(self, n: int) -> int:
+        """Give back the last ``n`` chains popped (nothing published for
+        them): they will be popped again."""
+        ...
+
     def need_notify(self) -> int: ...
 
     def set_notification(self, enable: bool) -> None: ...
@@ -101,10 +122,9 @@ class Ring(Protocol):
         ...
 
     def snapshot(self) -> dict[str, int]:
-        """The ring's state, to carry it across new area pointers."""
+        """Every state field by name (the property tests compare them),
+        packed rings' id table included as ``ids[i]``."""
         ...
-
-    def restore(self, state: dict[str, int]) -> None: ...
 
     @property
     def num(self) -> int: ...

@@ -19,27 +19,19 @@ from typing import Any, ClassVar, Sequence
 
 from ..virtio import AvailFlag, DescFlag, UsedFlag
 from .base import (
-    MAX_CHAIN_DESCS,
-    MAX_INDIRECT,
     MAX_QUEUE_SIZE,
-    MAX_REGIONS,
     NO_BYTE_LIMIT,
-    SEG_WRITE,
     ChainTuple,
     PopResult,
     RegionLike,
     RingMemory,
     SegTuple,
 )
+from .chain_ref import DESC_SIZE, U16, U32_MAX, ChainError, NoSpace, Walk, areas_fit, indirect_table, rebind_check
 from .errors import (
     ERR_AVAIL_IDX,
-    ERR_CHAIN_DESCS,
-    ERR_CHAIN_LEN,
     ERR_CHAIN_SEGS,
-    ERR_DESC_ADDR,
     ERR_HEAD,
-    ERR_INDIRECT_ADDR,
-    ERR_INDIRECT_LEN,
     ERR_INDIRECT_NESTED,
     ERR_INDIRECT_NEXT,
     ERR_INDIRECT_POS,
@@ -47,22 +39,17 @@ from .errors import (
     ERR_NEXT,
     ERR_NOT_READY,
     ERR_NUM,
-    ERR_ORDER,
     ERR_PUSH_COUNT,
     ERR_PUSH_ID,
     ERR_RING_SIZE,
 )
 
-U16 = struct.Struct("<H")
 DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
-U32_MAX = 0xFFFF_FFFF
-_U64 = 1 << 64
 
 # Byte offsets in the split layout (spec 2.7): avail->ring[0] and
 # used->ring[0] both sit after a 4-byte header.
 RING_HDR = 4
-DESC_SIZE = 16
 USED_ELEM_SIZE = 8
 
 
@@ -76,22 +63,6 @@ def split_area_sizes(num: int) -> tuple[int, int, int]:
     """Descriptor table, avail ring (with used_event), used ring (with
     avail_event) for a queue of ``num`` entries."""
     return DESC_SIZE * num, RING_HDR + 2 + 2 * num, RING_HDR + 2 + USED_ELEM_SIZE * num
-
-
-class _NoSpace(Exception):
-    pass
-
-
-class _ChainError(Exception):
-    def __init__(self, code: int) -> None:
-        self.code = code
-
-
-def _find_region(regions: Sequence[RegionLike], gpa: int) -> int:
-    for i, r in enumerate(regions[:MAX_REGIONS]):
-        if 0 <= gpa - r.gpa < r.size:
-            return i
-    return -1
 
 
 class PySplitRing:
@@ -108,6 +79,10 @@ class PySplitRing:
     @staticmethod
     def area_sizes(num: int) -> tuple[int, int, int]:
         return split_area_sizes(num)
+
+    @staticmethod
+    def num_ok(num: int) -> bool:
+        return 1 <= num <= MAX_QUEUE_SIZE and not num & (num - 1)  # a power of 2 (2.7)
 
     def __init__(self) -> None:
         self.clear()
@@ -126,12 +101,12 @@ class PySplitRing:
 
     # ------------------------------------------------------------ set-up
 
-    def init(self, num: int, areas: Sequence[memoryview], event_idx: bool, base: int) -> int:
+    def init(self, num: int, areas: Sequence[memoryview], event_idx: bool, base: int,
+             in_order: bool = False) -> int:
         desc, avail, used = areas
-        if not 1 <= num <= MAX_QUEUE_SIZE or num & (num - 1):
+        if not self.num_ok(num):
             return ERR_NUM
-        d, a, u = split_area_sizes(num)
-        if len(desc) < d or len(avail) < a or len(used) < u:
+        if not areas_fit(areas, split_area_sizes(num)):
             return ERR_RING_SIZE
         self.clear()
         self.num = num
@@ -143,15 +118,27 @@ class PySplitRing:
         self.notification = True
         return 0
 
+    def rebind(self, areas: Sequence[memoryview]) -> int:
+        rc = rebind_check(self.num, areas, split_area_sizes(self.num))
+        if not rc:
+            self.desc, self.avail, self.used = areas
+        return rc
+
     def base(self) -> int:
         return self.last_avail_idx
 
     def snapshot(self) -> dict[str, int]:
         return {k: int(getattr(self, k)) for k in self.STATE}
 
-    def restore(self, state: dict[str, int]) -> None:
-        for k, v in state.items():
-            setattr(self, k, bool(v) if k in ("signalled_used_valid", "notification", "broken") else v)
+    def unpop(self, n: int) -> int:
+        if self.num == 0:
+            return ERR_NOT_READY
+        if not n or self.broken:  # a broken ring is never read again
+            return 0
+        self.last_avail_idx = (self.last_avail_idx - n) & 0xFFFF
+        if self.event_idx and self.notification:
+            U16.pack_into(self.used, RING_HDR + USED_ELEM_SIZE * self.num, self.last_avail_idx)
+        return 0
 
     # ------------------------------------------------------------ pop
 
@@ -172,17 +159,17 @@ class PySplitRing:
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
         try:
             if pending > self.num:
-                raise _ChainError(ERR_AVAIL_IDX)
+                raise ChainError(ERR_AVAIL_IDX)
             while pending > 0 and len(chains) < max_chains:
                 slot = self.last_avail_idx & (self.num - 1)
                 head = U16.unpack_from(self.avail, RING_HDR + 2 * slot)[0]
                 if head >= self.num:
-                    raise _ChainError(ERR_HEAD)
+                    raise ChainError(ERR_HEAD)
                 try:
                     chain_segs, out_len, in_len, ndescs = self._walk(regions, head, max_segs - len(segs))
-                except _NoSpace:
+                except NoSpace:
                     if not chains:
-                        raise _ChainError(ERR_CHAIN_SEGS) from None
+                        raise ChainError(ERR_CHAIN_SEGS) from None
                     break
                 if chains and taken + out_len + in_len > max_bytes:
                     break  # over the byte budget: not consumed
@@ -192,7 +179,7 @@ class PySplitRing:
                 segs.extend(chain_segs)
                 self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
                 pending -= 1
-        except _ChainError as exc:
+        except ChainError as exc:
             rc = exc.code
             self.broken = True
             self.error = rc
@@ -205,70 +192,34 @@ class PySplitRing:
         table = self.desc
         limit = self.num
         i = head
-        visited = total = 0
-        segs: list[SegTuple] = []
-        out_len = in_len = 0
-        indirect = seen_write = False
+        visited = 0
+        walk = Walk(seg_room)
+        indirect = False
         while True:
             visited += 1
             if visited > limit:
-                raise _ChainError(ERR_LOOP)
-            addr, length, flags, nxt = DESC.unpack_from(table, 16 * i)
+                raise ChainError(ERR_LOOP)
+            addr, length, flags, nxt = DESC.unpack_from(table, DESC_SIZE * i)
 
             if flags & DescFlag.INDIRECT:
                 if indirect:
-                    raise _ChainError(ERR_INDIRECT_NESTED)
+                    raise ChainError(ERR_INDIRECT_NESTED)
                 if visited > 1:
-                    raise _ChainError(ERR_INDIRECT_POS)
+                    raise ChainError(ERR_INDIRECT_POS)
                 if flags & DescFlag.NEXT:
-                    raise _ChainError(ERR_INDIRECT_NEXT)
-                if length == 0 or length % 16 or length // 16 > MAX_INDIRECT:
-                    raise _ChainError(ERR_INDIRECT_LEN)
-                r = _find_region(regions, addr)
-                if r < 0 or regions[r].size - (addr - regions[r].gpa) < length:
-                    raise _ChainError(ERR_INDIRECT_ADDR)
-                off = addr - regions[r].gpa
-                table = regions[r].view[off:off + length]
-                limit = length // 16
+                    raise ChainError(ERR_INDIRECT_NEXT)
+                table = indirect_table(regions, addr, length)
+                limit = length // DESC_SIZE
                 i = 0
                 visited = 0
                 indirect = True
                 continue
 
-            total += 1
-            if total > MAX_CHAIN_DESCS:
-                raise _ChainError(ERR_CHAIN_DESCS)
-            if flags & DescFlag.WRITE:
-                seen_write = True
-                in_len += length
-            else:
-                if seen_write:
-                    raise _ChainError(ERR_ORDER)
-                out_len += length
-            if out_len + in_len > U32_MAX:
-                raise _ChainError(ERR_CHAIN_LEN)
-
-            if length:
-                if addr + length > _U64:
-                    raise _ChainError(ERR_DESC_ADDR)
-                gpa, rem = addr, length
-                seg_flags = SEG_WRITE if flags & DescFlag.WRITE else 0
-                while rem:
-                    r = _find_region(regions, gpa)
-                    if r < 0:
-                        raise _ChainError(ERR_DESC_ADDR)
-                    off = gpa - regions[r].gpa
-                    piece = min(regions[r].size - off, rem)
-                    if len(segs) >= seg_room:
-                        raise _NoSpace
-                    segs.append((off, piece, r, seg_flags))
-                    gpa += piece
-                    rem -= piece
-
+            walk.buffer(regions, addr, length, bool(flags & DescFlag.WRITE))
             if not flags & DescFlag.NEXT:
-                return segs, out_len, in_len, total
+                return walk.segs, walk.out_len, walk.in_len, walk.total
             if nxt >= limit:
-                raise _ChainError(ERR_NEXT)
+                raise ChainError(ERR_NEXT)
             i = nxt
 
     # ------------------------------------------------------------ push / notify

@@ -1,11 +1,13 @@
-"""The split ring in C (``native/vring.c``) as a ``vuser.rings.base.Ring``.
+"""The rings in C (``native/vring.c``, ``native/vring_packed.c``) as
+``vuser.rings.base.Ring``s: ``NativeSplitRing`` and ``NativePackedRing``.
 
-This class only moves arguments across the cffi boundary: the ring walk,
+These classes only move arguments across the cffi boundary: the ring walk,
 the checks and the barriers are C.  ``native`` is the ``struct vu_vring *``
-that C data paths (net) take directly.
+that C data paths (net) take directly; one struct serves both layouts.
 
 Resource handling: the cffi handles on the three ring areas are released
-in ``clear``; the output arrays are owned here and reused across pops.
+in ``clear`` (or when ``rebind`` replaces them); the output arrays and a
+packed ring's id table are owned here and reused across pops.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import itertools
 import struct
 from typing import Any, ClassVar, Sequence
 
+from ..virtio import AvailFlag, DescFlag, EventFlags, UsedFlag
 from .base import (
     MAX_CHAIN_DESCS,
     MAX_INDIRECT,
@@ -25,12 +28,12 @@ from .base import (
     RingMemory,
 )
 from .errors import ERROR_NAMES
+from .packed_ref import PyPackedRing, packed_area_sizes
 from .split_ref import PySplitRing, split_area_sizes
-from ..virtio import AvailFlag, DescFlag, UsedFlag
 
 try:
     from vuser._native import ffi as _ffi, lib as _lib
-except ImportError:  # the pure-Python ring still works
+except ImportError:  # the pure-Python rings still work
     _ffi = _lib = None
 
 # Host-order layouts of struct vu_chain and struct vu_seg (checked below).
@@ -45,23 +48,24 @@ if _ffi is not None:
     assert (_lib.VU_MAX_REGIONS, _lib.VU_MAX_QUEUE_SIZE, _lib.VU_MAX_INDIRECT, _lib.VU_SEG_WRITE,
             _lib.VU_MAX_CHAIN_DESCS) == (MAX_REGIONS, MAX_QUEUE_SIZE, MAX_INDIRECT, SEG_WRITE, MAX_CHAIN_DESCS)
     # The C header's copies of the spec's flags (C cannot import virtio.py).
-    assert (_lib.VU_DESC_F_NEXT, _lib.VU_DESC_F_WRITE, _lib.VU_DESC_F_INDIRECT) == \
-        (DescFlag.NEXT, DescFlag.WRITE, DescFlag.INDIRECT)
+    assert (_lib.VU_DESC_F_NEXT, _lib.VU_DESC_F_WRITE, _lib.VU_DESC_F_INDIRECT, _lib.VU_DESC_F_AVAIL,
+            _lib.VU_DESC_F_USED) == (DescFlag.NEXT, DescFlag.WRITE, DescFlag.INDIRECT, DescFlag.AVAIL, DescFlag.USED)
     assert (_lib.VU_AVAIL_F_NO_INTERRUPT, _lib.VU_USED_F_NO_NOTIFY) == (AvailFlag.NO_INTERRUPT, UsedFlag.NO_NOTIFY)
+    assert (_lib.VU_EVENT_F_ENABLE, _lib.VU_EVENT_F_DISABLE, _lib.VU_EVENT_F_DESC) == \
+        (EventFlags.ENABLE, EventFlags.DISABLE, EventFlags.DESC)
 
 
 def native_available() -> bool:
     return _lib is not None
 
 
-class NativeSplitRing:
+class _NativeRing:
     """A ``struct vu_vring`` and the vring.c functions on it."""
 
-    layout: ClassVar[str] = "split"
+    layout: ClassVar[str]
     impl: ClassVar[str] = "native"
-    @staticmethod
-    def area_sizes(num: int) -> tuple[int, int, int]:
-        return split_area_sizes(num)
+    STATE: ClassVar[tuple[str, ...]]
+    _PACKED: ClassVar[bool] = False
 
     def __init__(self) -> None:
         if _lib is None:
@@ -72,6 +76,7 @@ class NativeSplitRing:
         self._chains: Any = _ffi.NULL
         self._segs: Any = _ffi.NULL
         self._used: Any = _ffi.NULL
+        self._ids: Any = _ffi.NULL
         self._chain_cap = self._seg_cap = 0
 
     @property
@@ -80,29 +85,52 @@ class NativeSplitRing:
 
     def clear(self) -> None:
         self._vr.num = 0
+        self._release()
+
+    def _release(self) -> None:
         for h in self._handles:
             _ffi.release(h)
         self._handles = []
 
-    def init(self, num: int, areas: Sequence[memoryview], event_idx: bool, base: int) -> int:
+    def _pointers(self, areas: Sequence[memoryview]) -> list[Any]:
+        """(pointer, length) of each area, keeping the handles alive."""
+        handles = [_ffi.from_buffer(v) for v in areas]
+        self._release()
+        self._handles = handles
+        return [x for h, v in zip(handles, areas) for x in (_ffi.cast("uint8_t *", h), len(v))]
+
+    def init(self, num: int, areas: Sequence[memoryview], event_idx: bool, base: int,
+             in_order: bool = False) -> int:
         self.clear()
-        self._handles = [_ffi.from_buffer(v) for v in areas]
-        (d, dl), (a, al), (u, ul) = ((_ffi.cast("uint8_t *", h), len(v)) for h, v in zip(self._handles, areas))
+        pointers = self._pointers(areas)
         if 0 < num <= MAX_QUEUE_SIZE and num > self._chain_cap:
             self._chains = _ffi.new("struct vu_chain[]", num)
             self._used = _ffi.new("struct vu_used_elem[]", num)
+            if self._PACKED:
+                self._ids = _ffi.new("uint32_t[]", 2 * num)
             self._chain_cap = num
-        return int(_lib.vu_vring_init(self._vr, num, d, dl, a, al, u, ul, bool(event_idx), base & 0xFFFF))
+        flags = (_lib.VU_RING_PACKED if self._PACKED else 0) | (_lib.VU_RING_EVENT_IDX if event_idx else 0) | \
+            (_lib.VU_RING_IN_ORDER if in_order else 0)
+        ids_len = 2 * self._chain_cap if self._ids != _ffi.NULL else 0
+        return int(_lib.vu_vring_init(self._vr, num, *pointers, flags, base & 0xFFFF_FFFF, self._ids, ids_len))
+
+    def rebind(self, areas: Sequence[memoryview]) -> int:
+        old = self._handles
+        self._handles = []                 # kept alive until C points elsewhere
+        pointers = self._pointers(areas)
+        rc = int(_lib.vu_vring_rebind(self._vr, *pointers))
+        for h in old:
+            _ffi.release(h)
+        return rc
 
     def base(self) -> int:
-        return int(self._vr.last_avail_idx)
+        return int(_lib.vu_vring_base(self._vr))
 
     def snapshot(self) -> dict[str, int]:
-        return {k: int(getattr(self._vr, k)) for k in PySplitRing.STATE}
-
-    def restore(self, state: dict[str, int]) -> None:
-        for k, v in state.items():
-            setattr(self._vr, k, v)
+        state = {k: int(getattr(self._vr, k)) for k in self.STATE}
+        if self._vr.packed and self._vr.num:
+            state.update((f"ids[{i}]", int(self._vr.ids[i])) for i in range(2 * self._vr.num))
+        return state
 
     @property
     def num(self) -> int:
@@ -155,6 +183,9 @@ class NativeSplitRing:
             raise ValueError(f"used elements out of range: {list(elems)!r}") from None
         return int(_lib.vu_vring_push(self._vr, self._used, n))
 
+    def unpop(self, n: int) -> int:
+        return int(_lib.vu_vring_unpop(self._vr, n))
+
     def need_notify(self) -> int:
         return int(_lib.vu_vring_need_notify(self._vr))
 
@@ -163,3 +194,34 @@ class NativeSplitRing:
 
     def avail_pending(self) -> int:
         return int(_lib.vu_vring_avail_pending(self._vr))
+
+
+class NativeSplitRing(_NativeRing):
+    """The split ring (spec 2.7) in C."""
+
+    layout: ClassVar[str] = "split"
+    STATE = PySplitRing.STATE
+
+    @staticmethod
+    def area_sizes(num: int) -> tuple[int, int, int]:
+        return split_area_sizes(num)
+
+    @staticmethod
+    def num_ok(num: int) -> bool:
+        return PySplitRing.num_ok(num)
+
+
+class NativePackedRing(_NativeRing):
+    """The packed ring (spec 2.8) in C."""
+
+    layout: ClassVar[str] = "packed"
+    STATE = PyPackedRing.STATE
+
+    @staticmethod
+    def area_sizes(num: int) -> tuple[int, int, int]:
+        return packed_area_sizes(num)
+
+    @staticmethod
+    def num_ok(num: int) -> bool:
+        return PyPackedRing.num_ok(num)
+    _PACKED = True
