@@ -234,8 +234,8 @@ static inline int coalesced(const struct vu_vring *vr, const struct vu_used_elem
 
 int vu_packed_push(struct vu_vring *vr, const struct vu_used_elem *elems, uint32_t n)
 {
-    uint16_t pos, first = 0, first_flags = 0;
-    uint8_t wrap;
+    uint16_t pos, at, first = 0, first_flags = 0;
+    uint8_t wrap, at_wrap;
     uint32_t written = 0, k;
     int rc;
 
@@ -247,37 +247,42 @@ int vu_packed_push(struct vu_vring *vr, const struct vu_used_elem *elems, uint32
     if (rc || n == 0)
         return rc;
 
-    /* Ids and lengths of every used descriptor first ... */
-    pos = vr->used_idx;
+    /* Ids and lengths of every used descriptor first ... (a used
+     * descriptor sits where its run of buffers starts: the slot the
+     * driver reads next, 2.8.9) */
+    pos = at = vr->used_idx;
     wrap = vr->used_wrap;
     for (k = 0; k < n; k++) {
+        advance(vr->num, &pos, &wrap, vr->ids[elems[k].id]);
         if (!coalesced(vr, elems, n, k)) {
-            uint8_t *d = vr->desc + (size_t)pos * DESC_SIZE;
+            uint8_t *d = vr->desc + (size_t)at * DESC_SIZE;
             st32(d + PDESC_LEN, elems[k].len);
             st16(d + PDESC_ID, (uint16_t)elems[k].id);
+            at = pos;
         }
-        advance(vr->num, &pos, &wrap, vr->ids[elems[k].id]);
     }
     FENCE_RELEASE();
     /* ... then the flags of all but the first, then the first's: the
      * driver reads in order and never sees half a batch (2.8.21). */
-    pos = vr->used_idx;
-    wrap = vr->used_wrap;
+    pos = at = vr->used_idx;
+    wrap = at_wrap = vr->used_wrap;
     for (k = 0; k < n; k++) {
         uint32_t id = elems[k].id, slots = vr->ids[id];
 
-        if (!coalesced(vr, elems, n, k)) {
-            uint16_t flags = used_flags(wrap) | (elems[k].len ? VU_DESC_F_WRITE : 0);
-            if (written++ == 0) {
-                first = pos;
-                first_flags = flags;
-            } else {
-                st16(vr->desc + (size_t)pos * DESC_SIZE + PDESC_FLAGS, flags);
-            }
-        }
         vr->ids[id] = 0;
         vr->unsignalled = vr->unsignalled + slots < vr->num ? vr->unsignalled + slots : vr->num;
         advance(vr->num, &pos, &wrap, slots);
+        if (!coalesced(vr, elems, n, k)) {
+            uint16_t flags = used_flags(at_wrap) | (elems[k].len ? VU_DESC_F_WRITE : 0);
+            if (written++ == 0) {
+                first = at;
+                first_flags = flags;
+            } else {
+                st16(vr->desc + (size_t)at * DESC_SIZE + PDESC_FLAGS, flags);
+            }
+            at = pos;
+            at_wrap = wrap;
+        }
     }
     FENCE_RELEASE();
     st16(vr->desc + (size_t)first * DESC_SIZE + PDESC_FLAGS, first_flags);

@@ -182,11 +182,15 @@ def cmd_devices(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ qemu-args
 
 def qemu_args(plugin: DevicePlugin[Any], device: Any, socket_path: str, *, qemu_version: str = "11",
-              memory: str | None = "512M", chardev_id: str = "vu0", reconnect: int | None = None) -> list[str]:
+              memory: str | None = "512M", chardev_id: str = "vu0", reconnect: int | None = None,
+              packed: bool = False) -> list[str]:
     """QEMU arguments attaching ``device``; ``memory=None`` leaves out the
     shared memory backend (when the caller already gives one: a vhost-user
     back-end needs the guest RAM shared, e.g. memory-backend-memfd,share=on).
-    ``reconnect``: seconds; QEMU 10.2 and later take ``reconnect-ms``."""
+    ``reconnect``: seconds; QEMU 10.2 and later take ``reconnect-ms``.
+    ``packed``: the virtio device property ``packed=on`` (QEMU 4.2+), which
+    lets the guest negotiate VIRTIO_F_RING_PACKED (QEMU's generic device
+    passes the back-end's offer through regardless)."""
     chardev = f"socket,id={chardev_id},path={qemu_escape(socket_path)}"
     if reconnect is not None:
         major = int(qemu_version.split(".")[0])
@@ -196,7 +200,11 @@ def qemu_args(plugin: DevicePlugin[Any], device: Any, socket_path: str, *, qemu_
         "-machine", "q35,memory-backend=mem",
         "-m", memory,
     ]
-    return [*mem_args, "-chardev", chardev, *plugin.qemu_args(device, chardev_id, qemu_version)]
+    device_args = plugin.qemu_args(device, chardev_id, qemu_version)
+    if packed:
+        device_args = [arg + ",packed=on" if before == "-device" else arg
+                       for before, arg in zip(["", *device_args], device_args)]
+    return [*mem_args, "-chardev", chardev, *device_args]
 
 
 def _add_qemu_args(sub: Any, parent: Parser, plugins: dict[str, DevicePlugin[Any]]) -> None:
@@ -213,6 +221,8 @@ def _add_qemu_args(sub: Any, parent: Parser, plugins: dict[str, DevicePlugin[Any
                        help="QEMU reconnects to a restarted back-end (reconnect= / reconnect-ms=)")
         p.add_argument("--no-memory", action="store_true",
                        help="leave out the shared memory backend (the caller gives one, once per guest)")
+        p.add_argument("--packed", action="store_true",
+                       help="packed=on: let the guest use packed virtqueues (VIRTIO_F_RING_PACKED)")
         plugin.add_arguments(p)
         p.set_defaults(func=cmd_qemu_args, plugin=plugin)
 
@@ -223,7 +233,8 @@ def cmd_qemu_args(args: argparse.Namespace) -> int:
     try:
         print(shlex.join(qemu_args(plugin, devices[0], args.socket, qemu_version=args.qemu_version,
                                    memory=None if args.no_memory else args.memory,
-                                   chardev_id=args.chardev_id, reconnect=args.reconnect)))
+                                   chardev_id=args.chardev_id, reconnect=args.reconnect,
+                                   packed=args.packed)))
     finally:
         plugin.close(devices)
     return 0

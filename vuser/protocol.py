@@ -33,11 +33,11 @@ from typing import Any, Callable, ClassVar, Mapping
 from . import events as E
 from . import wire
 from .negotiation import Negotiation, NegotiationError, StatusChange
+from .virtio import MAX_QUEUE_SIZE, Transport, has
 from .wire import ProtocolFeature as PF
 from .wire import Request as R
 
 MAX_MEM_SLOTS = 64
-MAX_VRING_NUM = 32768
 
 # Protocol features this implementation can honour.  CONFIG is added only
 # for devices with a config space; RARP / MTU only for devices that ask.
@@ -211,10 +211,18 @@ class Session:
         self._require(req, PF.CONFIGURE_MEM_SLOTS)
         return E.MemRegionRemoved(req, nr, _region(body.region), fds[0] if fds else None)
 
+    @property
+    def _packed(self) -> bool:
+        """Rings in the packed layout (the features are sent before rings
+        are set up: QEMU's vhost_dev_start, DPDK's virtio_user_start_device)."""
+        return has(self.effective_features, Transport.RING_PACKED)
+
     def _set_vring_num(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
         num = body.num
-        if num == 0 or num > MAX_VRING_NUM or num & (num - 1):
-            raise ProtocolError(req.name, f"queue size {num} is not a power of 2 in 1..{MAX_VRING_NUM}")
+        # Split sizes are powers of 2 (virtio 2.7); packed ones need not be (2.6).
+        if not 1 <= num <= MAX_QUEUE_SIZE or (num & (num - 1) and not self._packed):
+            raise ProtocolError(req.name, f"queue size {num} is not "
+                                f"{'' if self._packed else 'a power of 2 '}in 1..{MAX_QUEUE_SIZE}")
         return E.VringNum(req, nr, self._index(req, body.index), num)
 
     def _set_vring_addr(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
@@ -222,7 +230,8 @@ class Session:
                            body.used_user_addr, body.avail_user_addr, body.log_guest_addr)
 
     def _set_vring_base(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
-        if body.num > 0xFFFF:
+        # Packed rings carry both indexes and wrap counters (vhost-user.rst).
+        if body.num > 0xFFFF and not self._packed:
             raise ProtocolError(req.name, f"base {body.num:#x} does not fit a split ring index")
         return E.VringBase(req, nr, self._index(req, body.index), body.num)
 

@@ -125,6 +125,10 @@ class BalloonStat(enum.IntEnum):
         return self.name.lower().replace("_", "-")
 
 
+# The largest queue size (virtio 2.6: Queue Size is 16 bits, at most 2^15).
+MAX_QUEUE_SIZE = 32768
+
+
 class DescFlag(enum.IntFlag):
     """Descriptor flags (split: spec 2.7.5; packed adds AVAIL/USED, 2.8.1)."""
 

@@ -172,6 +172,7 @@ class Frontend:
                           config_size: int | None = None,
                           timeout: float = 5.0,
                           protocol_features: int | None = None,
+                          packed: bool = False,
                           on_backend_message: BackendHandler | None = None,
                           handshake: bool = True) -> AsyncIterator[Frontend]:
         """A front-end on an already connected socket (also used by
@@ -184,8 +185,10 @@ class Frontend:
         GET_QUEUE_NUM's answer when MQ is negotiated, else 1.
         ``config_size``: config space size, for whole-config accesses and the
         GET_CONFIG at start.  ``protocol_features``: override the set of
-        protocol features the front-end accepts.  ``handshake=False`` sends
-        nothing (raw tests start from the first byte).
+        protocol features the front-end accepts.  ``packed``: the guest may
+        see VIRTIO_F_RING_PACKED (QEMU's ``packed=on``, DPDK's
+        ``packed_vq=1``).  ``handshake=False`` sends nothing (raw tests
+        start from the first byte).
         """
         pers = get_personality(personality)
         try:
@@ -202,7 +205,7 @@ class Frontend:
             async with trio.open_nursery() as nursery:
                 fe = cls(sock, nursery, personality=pers, memory=memory, num_queues=num_queues,
                          config_size=config_size, timeout=timeout,
-                         protocol_features=protocol_features,
+                         protocol_features=protocol_features, packed=packed,
                          on_backend_message=on_backend_message)
                 try:
                     if handshake:

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, Sequence
 
+from ..virtio import MAX_QUEUE_SIZE as MAX_QUEUE_SIZE  # (re-exported: the rings check sizes)
+
 MAX_REGIONS = 64
-MAX_QUEUE_SIZE = 32768
 MAX_INDIRECT = 32768     # entries in one indirect table
 MAX_CHAIN_DESCS = 1024   # buffer descriptors in one chain, zero-length ones included
 NO_BYTE_LIMIT = (1 << 64) - 1

@@ -267,26 +267,31 @@ class PyPackedRing:
         rc = self._check_push(elems)
         if rc or n == 0:
             return rc
-        # Ids and lengths of every used descriptor first ...
-        pos, wrap = self.used_idx, self.used_wrap
+        # Ids and lengths of every used descriptor first (each where its
+        # run of buffers starts) ...
+        pos = at = self.used_idx
+        wrap = self.used_wrap
         for k, (bid, written) in enumerate(elems):
-            if not self._coalesced(elems, k):
-                _LEN_ID.pack_into(self.desc, DESC_SIZE * pos + LEN_OFF, written, bid)
             pos, wrap = self._advance(pos, wrap, self.ids[bid])
+            if not self._coalesced(elems, k):
+                _LEN_ID.pack_into(self.desc, DESC_SIZE * at + LEN_OFF, written, bid)
+                at = pos
         # ... then the flags of all but the first, then the first's.
         pos, wrap = self.used_idx, self.used_wrap
+        at, at_wrap = pos, wrap
         first: tuple[int, int] | None = None
         for k, (bid, written) in enumerate(elems):
             slots = self.ids[bid]
-            if not self._coalesced(elems, k):
-                flags = used_flags(wrap) | (WRITE if written else 0)
-                if first is None:
-                    first = (pos, flags)
-                else:
-                    U16.pack_into(self.desc, DESC_SIZE * pos + FLAGS_OFF, flags)
             self.ids[bid] = 0
             self.unsignalled = min(self.unsignalled + slots, self.num)
             pos, wrap = self._advance(pos, wrap, slots)
+            if not self._coalesced(elems, k):
+                flags = used_flags(at_wrap) | (WRITE if written else 0)
+                if first is None:
+                    first = (at, flags)
+                else:
+                    U16.pack_into(self.desc, DESC_SIZE * at + FLAGS_OFF, flags)
+                at, at_wrap = pos, wrap
         assert first is not None
         U16.pack_into(self.desc, DESC_SIZE * first[0] + FLAGS_OFF, first[1])
         self.used_idx, self.used_wrap = pos, wrap
