@@ -206,7 +206,7 @@ struct vu_vring {
     uint8_t in_order;              /* packed: VIRTIO_F_IN_ORDER */
     uint8_t avail_wrap;            /* packed: wrap counter of last_avail_idx */
     uint8_t used_wrap;             /* packed: wrap counter of used_idx */
-    uint16_t reserved;
+    uint16_t event_written;        /* packed: the off_wrap last written to the device area */
     uint32_t log_start;            /* packed: the oldest pop still in the log (in order) */
     uint32_t log_end;              /* packed: where the next pop is logged */
     uint32_t inflight;             /* packed: buffers popped and not pushed */

@@ -84,7 +84,8 @@ int vu_packed_init(struct vu_vring *vr, uint32_t base, uint32_t *ids, uint32_t i
  * the device will read. */
 void vu_packed_write_event(struct vu_vring *vr)
 {
-    st16(vr->device + EVENT_OFF_WRAP, (uint16_t)(vr->last_avail_idx | vr->avail_wrap << WRAP_BIT));
+    vr->event_written = (uint16_t)(vr->last_avail_idx | vr->avail_wrap << WRAP_BIT);
+    st16(vr->device + EVENT_OFF_WRAP, vr->event_written);
 }
 
 /* Walk the chain at last_avail_idx (its head known available).  0,

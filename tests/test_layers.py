@@ -20,7 +20,7 @@ RANK = {
     # fds from front-ends, guest memory and rings
     "fds": 2, "memory": 2, "rings": 2, "virtqueue": 2, "_native": 2,
     # transport: framing, sockets, queue tasks, back-end channel, control socket
-    "stream": 3, "transport": 3, "queues": 3, "backend_channel": 3, "control": 3,
+    "stream": 3, "transport": 3, "queues": 3, "ringstate": 3, "backend_channel": 3, "control": 3,
     # device model: the device contract, plugins, the handler, the connection loop
     "handles": 4, "device": 4, "plugin": 4, "handler": 4, "connection": 4,
     # devices, status, discovery, runners

@@ -21,7 +21,7 @@ import trio
 from . import registry
 from .device import DeviceError
 from .errors import UsageError
-from .plugin import DevicePlugin, qemu_escape
+from .plugin import DevicePlugin, qemu_escape, with_device_property
 
 log = logging.getLogger("vuser")
 
@@ -70,15 +70,20 @@ def _add_run(sub: Any, parent: Parser, plugins: dict[str, DevicePlugin[Any]]) ->
         p.add_argument("--control", metavar="PATH", help="open a control socket at PATH (vuser ctl)")
         p.add_argument("--ring", choices=("native", "python"), default="native",
                        help="ring implementation: the C hot path or the pure-Python reference")
+        p.add_argument("--no-ring-state", action="store_true",
+                       help="do not keep packed ring state in SOCKET.rings (without it a restarted vuser "
+                            "cannot resume packed rings under a reconnecting QEMU)")
         plugin.add_arguments(p)
         p.set_defaults(func=cmd_run, plugin=plugin)
 
 
 async def _serve(plugin: DevicePlugin[Any], devices: list[Any], args: argparse.Namespace) -> None:
+    from .ringstate import default_path as default_ring_state_path
     from .runner import Runner, RunnerGroup
 
     peers = {os.getuid(), 0, *args.allow_peer_uid}
-    runners = [Runner(dev, path, client=args.client, ring_impl=args.ring, plugin=plugin, peer_uids=sorted(peers))
+    runners = [Runner(dev, path, client=args.client, ring_impl=args.ring, plugin=plugin, peer_uids=sorted(peers),
+                      ring_state=None if args.no_ring_state else default_ring_state_path(path))
                for dev, path in zip(devices, args.socket)]
     group = RunnerGroup(runners, control_path=args.control, background=plugin.background(devices), plugin=plugin)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -202,8 +207,7 @@ def qemu_args(plugin: DevicePlugin[Any], device: Any, socket_path: str, *, qemu_
     ]
     device_args = plugin.qemu_args(device, chardev_id, qemu_version)
     if packed:
-        device_args = [arg + ",packed=on" if before == "-device" else arg
-                       for before, arg in zip(["", *device_args], device_args)]
+        device_args = with_device_property(device_args, "packed=on")
     return [*mem_args, "-chardev", chardev, *device_args]
 
 

@@ -31,6 +31,7 @@ from .device import Device
 from .events import ProtocolFeaturesSet
 from .handler import Handler
 from .protocol import ProtocolError, Session
+from .ringstate import RingStateFile
 from .stream import Message, MessageStream
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,12 @@ class DeviceConnection:
     """Serves ``device`` to the front-end on one connected socket."""
 
     def __init__(self, device: Device, sock: trio.socket.SocketType, *, ring_impl: str = "native",
-                 name: str = "vhost-user") -> None:
+                 name: str = "vhost-user", ring_state: RingStateFile | None = None) -> None:
         self.device = device
         self.name = name
         self.stream = MessageStream(sock, strict=True)
         self.session = new_session(device)
-        self.handler = Handler(device, self.session, ring_impl=ring_impl, name=name)
+        self.handler = Handler(device, self.session, ring_impl=ring_impl, name=name, ring_state=ring_state)
         self.messages = 0
 
     async def serve(self) -> None:

@@ -34,6 +34,7 @@ from .handles import QueueHandle, RawQueue
 from .memory import GuestMemory, MemoryAccessError, RegionSpec
 from .protocol import ProtocolError, Session
 from .queues import QueueRuntime, QueueSlot
+from .ringstate import RingStateFile
 from .virtio import Transport, has
 from .virtqueue import RingError
 
@@ -52,13 +53,14 @@ class Handler:
     """Applies one connection's events; see the module docstring."""
 
     def __init__(self, device: Device, session: Session, *, ring_impl: str = "native",
+                 ring_state: RingStateFile | None = None,
                  name: str = "vhost-user") -> None:
         self.device = device
         self.session = session
         self.name = name
         self.memory = GuestMemory()
         self.runtime = QueueRuntime(self.memory, device.max_queues, round=self._round, on_fault=self._fault,
-                                    ring_impl=ring_impl, name=name)
+                                    ring_impl=ring_impl, name=name, ring_state=ring_state)
         self.backend = BackendChannelSender(name)
         self.handles = [QueueHandle(self.runtime, s) for s in self.runtime.slots]
         self.raw = [RawQueue(self.runtime, s) for s in self.runtime.slots]
@@ -269,6 +271,7 @@ class Handler:
     def _reset_device(self) -> None:
         self._features_announced = False
         self.runtime.broken = None
+        self.runtime.forget_ring_state()
         self.device.reset()
 
     # ------------------------------------------------------------ memory

@@ -80,6 +80,12 @@ def qemu_escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
+def with_device_property(qemu_args: list[str], prop: str) -> list[str]:
+    """``qemu_args`` with ``,PROP`` added to every ``-device`` (e.g.
+    ``packed=on``, a property of every virtio device)."""
+    return [arg + "," + prop if before == "-device" else arg for before, arg in zip(["", *qemu_args], qemu_args)]
+
+
 @dataclass
 class DevicePlugin(Generic[D]):
     """The device type ``device`` as the CLI, QEMU and the control socket

@@ -17,6 +17,11 @@ waits on a closed fd.  Calls are signalled on the call eventfd.
 This module knows rings, fds and tasks, not devices: what a round does and
 what a guest ring error means are callbacks.
 
+Packed rings in C may keep their state in a ``RingStateFile`` (``vuser
+run`` gives one per socket): a restarted vuser then resumes them where it
+left them, since QEMU's SET_VRING_BASE after a back-end restart is stale
+(see ``vuser.ringstate``).
+
 Resource handling: every fd given to a slot (kick, call, err) is owned by
 that slot's ``FdSlot`` and closed when replaced or at ``release``.
 """
@@ -34,6 +39,7 @@ from . import events as E
 from .fds import drain_eventfd, signal_eventfd
 from .memory import GuestMemory, MemoryAccessError
 from .rings.errors import ERR_FAULT
+from .ringstate import RingStateFile
 from .virtqueue import RingError, VirtQueue
 
 log = logging.getLogger(__name__)
@@ -117,8 +123,10 @@ class QueueRuntime:
     """Slots, ring set-up and queue tasks of one connection."""
 
     def __init__(self, memory: GuestMemory, nqueues: int, *, round: RoundFn, on_fault: FaultFn,
-                 ring_impl: str = "native", name: str = "vhost-user") -> None:
+                 ring_impl: str = "native", name: str = "vhost-user",
+                 ring_state: RingStateFile | None = None) -> None:
         self.memory = memory
+        self.ring_state = ring_state if ring_impl == "native" else None
         self.slots = [QueueSlot(i) for i in range(nqueues)]
         self._round = round
         self._on_fault = on_fault
@@ -141,8 +149,10 @@ class QueueRuntime:
         if slot.addr is None or slot.num == 0:
             raise ValueError(f"queue {slot.index} started without size or addresses")
         layout = "packed" if packed else "split"
+        state = self.ring_state if packed and self.ring_state is not None and self.ring_state.usable else None
         if slot.vq is None or slot.vq.layout != layout:
-            slot.vq = VirtQueue(self.memory, impl=self.ring_impl, layout=layout)
+            slot.vq = VirtQueue(self.memory, impl=self.ring_impl, layout=layout,
+                                ring_memory=None if state is None else state.ring_memory(slot.index))
         vq, num = slot.vq, slot.num
         desc_size, driver_size, device_size = vq.ring.area_sizes(num)
         try:
@@ -151,9 +161,14 @@ class QueueRuntime:
             device = self.memory.uva_to_gpa(slot.addr.used, device_size)
             if base is None and vq.shaped(num, event_idx, in_order):
                 vq.relocate(desc, driver, device)
-            else:
-                last = base if base is not None else vq.last_avail_idx
-                vq.configure(num, desc, driver, device, event_idx=event_idx, base=last, in_order=in_order)
+                return
+            last = base if base is not None else vq.last_avail_idx
+            if state is not None and base is not None:
+                last = state.resume(slot.index, num, (desc, driver, device), base,
+                                    lambda: self._event_area(device)) or base
+            vq.configure(num, desc, driver, device, event_idx=event_idx, base=last, in_order=in_order)
+            if state is not None and base is not None:
+                state.started(slot.index, num, (desc, driver, device), base)
         except MemoryAccessError as exc:
             slot.vq = None
             raise ValueError(f"queue {slot.index}: ring not in guest memory: {exc}") from None
@@ -161,12 +176,25 @@ class QueueRuntime:
             slot.vq = None
             raise ValueError(f"queue {slot.index}: {exc}") from None
 
+    def _event_area(self, gpa: int) -> tuple[int, int]:
+        """(off_wrap, flags) of a packed ring's event suppression
+        structure (guest memory, read guarded)."""
+        data = self.memory.read(self.memory.gpa_view(gpa, 4))
+        return int.from_bytes(data[:2], "little"), int.from_bytes(data[2:], "little")
+
+    def forget_ring_state(self, slot: QueueSlot | None = None) -> None:
+        """The front-end learned the rings' state (GET_VRING_BASE) or reset
+        the device: the state file must not be believed for them again."""
+        if self.ring_state is not None:
+            self.ring_state.stopped(None if slot is None else slot.index)
+
     async def stop(self, slot: QueueSlot) -> int:
         """GET_VRING_BASE: stop the ring; the exact base to resume from."""
         await self.cancel(slot)
         if slot.vq is None:
             return slot.base
         base = slot.vq.stop()
+        self.forget_ring_state(slot)
         log.info("%s: queue %d (%s) stopped at avail index %d after %d buffers", self.name, slot.index,
                  slot.role, base, slot.buffers)
         slot.base = base

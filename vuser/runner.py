@@ -18,6 +18,7 @@ from .connection import DeviceConnection
 from .control import serve_control
 from .device import Device
 from .plugin import BackgroundTask, CommandError, DevicePlugin
+from .ringstate import RingStateFile
 from .status import group_status, socket_status
 from .transport import serve_client, serve_unix
 
@@ -29,8 +30,13 @@ class Runner:
 
     def __init__(self, device: Device, socket_path: str, *, client: bool = False,
                  control_path: str | None = None, ring_impl: str = "native",
-                 plugin: DevicePlugin[Any] | None = None, peer_uids: Sequence[int] | None = None) -> None:
+                 plugin: DevicePlugin[Any] | None = None, peer_uids: Sequence[int] | None = None,
+                 ring_state: str | None = None) -> None:
+        """``ring_state``: a file where packed rings keep their state across
+        vuser restarts (``vuser.ringstate``); None: kept in memory only."""
         self.device = device
+        self.ring_state = None if ring_state is None or ring_impl != "native" else \
+            RingStateFile(ring_state, device.max_queues)
         self.peer_uids = peer_uids
         self.socket_path = socket_path
         self.client = client
@@ -44,7 +50,8 @@ class Runner:
         """Serve one connection.  Last resort (one connection is one fault
         domain): whatever escapes it is logged with its traceback and ends
         that connection only; the next one is served."""
-        conn = DeviceConnection(self.device, sock, ring_impl=self.ring_impl, name=self.device.name)
+        conn = DeviceConnection(self.device, sock, ring_impl=self.ring_impl, name=self.device.name,
+                                ring_state=self.ring_state)
         self.connection = conn
         self.connections += 1
         try:

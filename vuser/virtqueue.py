@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 from .memory import GuestMemory, MemoryAccessError
 from .rings import Ring, RingError, native_available, ring_class
@@ -57,12 +57,14 @@ class VirtQueue:
     """One virtqueue; see the module docstring."""
 
     def __init__(self, memory: GuestMemory, *, impl: str = "native", layout: str = "split",
-                 max_segs: int | None = None) -> None:
+                 max_segs: int | None = None, ring_memory: memoryview | None = None) -> None:
+        """``ring_memory``: where a C ring keeps its state (``vuser.ringstate``)."""
         cls = ring_class(layout, impl)
         self.memory = memory
         self.impl = impl
         self.layout = layout
-        self._ring: Ring = cls()
+        self._ring: Ring = cls() if ring_memory is None or impl != "native" else \
+            cast(Any, cls)(memory=ring_memory)
         self._max_segs_wanted = max_segs
         self.error: RingError | None = None
         self._params: tuple[int, tuple[int, int, int], bool, bool] | None = None

@@ -10,6 +10,7 @@ from typing import AsyncIterator
 import trio
 
 from vuser.device import Device
+from vuser.plugin import with_device_property
 from vuser.registry import plugin_for
 from vuser.runner import Runner
 from vuser.testing.guest import Guest, boot_guest
@@ -26,14 +27,16 @@ def guest_features(sysfs_bits: str) -> int:
 
 @asynccontextmanager
 async def served_guest(device: Device, tmp_path: Path, *, qemu: str, kernel: str, memory_mb: int = 512,
-                       cmdline: str = "", ring_impl: str = "native",
+                       cmdline: str = "", ring_impl: str = "native", packed: bool = False,
                        extra_args: list[str] | None = None) -> AsyncIterator[tuple[Guest, Runner]]:
     sock = str(tmp_path / f"{device.name}.sock")
     runner = Runner(device, sock, ring_impl=ring_impl)
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)
-        args = ["-chardev", f"socket,id=vu0,path={sock}",
-                *plugin_for(device).qemu_args(device, "vu0", qemu), *(extra_args or [])]
+        device_args = plugin_for(device).qemu_args(device, "vu0", qemu)
+        if packed:
+            device_args = with_device_property(device_args, "packed=on")
+        args = ["-chardev", f"socket,id=vu0,path={sock}", *device_args, *(extra_args or [])]
         async with boot_guest(qemu, kernel, memory_mb=memory_mb, extra_args=args,
                               kernel_cmdline_extra=cmdline) as guest:
             yield guest, runner

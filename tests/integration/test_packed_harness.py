@@ -314,3 +314,53 @@ async def test_hostile_packed_ring_needs_reset(tmp_path: Path, ring_impl: str, b
                 assert await fe.get_status() & STATUS_NEEDS_RESET
             async with Frontend.connect(str(tmp_path / "rng.sock"), packed=True) as fe:
                 await probe_and_serve(fe)
+
+
+# ------------------------------------------------------------------ a restarted back-end
+
+
+@pytest.mark.parametrize("ring_state", [True, False], ids=["ring-state", "no-ring-state"])
+async def test_restarted_backend_resumes_packed_rings(tmp_path: Path, ring_state: bool) -> None:
+    """QEMU after a back-end restart: the same guest rings, a new
+    connection, and SET_VRING_BASE with the base of the ring's first start
+    (stale: QEMU cannot read a packed ring's state back from a dead
+    back-end).  ``vuser run`` resumes from its ring state file; with
+    ``--no-ring-state`` it believes the stale base and the guest's new
+    buffers are never served (the control that shows the file matters)."""
+    from vuser.frontend.memory import GuestRam
+    from vuser.testing.process import VuserProcess
+
+    sock = tmp_path / "rng.sock"
+    args = [] if ring_state else ["--no-ring-state"]
+    ram = GuestRam.create(64 * MiB, regions=2)
+    try:
+        with trio.fail_after(60):
+            async with VuserProcess("rng", sock, args=args, log_path=tmp_path / "vuser0.log") as vp:
+                async with Frontend.connect(str(sock), packed=True, memory=ram, own_memory=False) as fe:
+                    drv = Driver(fe, queue_size=16)
+                    await drv.probe()
+                    first_base = next(e.fields.num for e in fe.trace if e.request == "SET_VRING_BASE")
+                    q = packed_queue(drv, 0)
+                    for _ in range(5):  # 5 x 7 slots on a 16-slot ring: two laps and a bit
+                        added = [(q.add_inbuf(64), 64) for _ in range(5)]
+                        added.append((q.add_chain(in_=[32, 32], indirect=False), 64))
+                        q.kick()
+                        check_rng_data(added, await q.wait_used(len(added), timeout=10))
+                    await vp.kill()
+            async with VuserProcess("rng", sock, args=args, log_path=tmp_path / "vuser1.log") as vp:
+                async with Frontend.connect(str(sock), packed=True, memory=ram, own_memory=False) as fe:
+                    q.renew_fds()
+                    fe.queues[0] = q
+                    fe.vring_bases[0] = first_base          # what QEMU sends: the first start's base
+                    await fe.start(drv.queues, features=drv.features)
+                    added = [(q.add_inbuf(100 + k), 100 + k) for k in range(5)]
+                    q.kick()
+                    if ring_state:
+                        check_rng_data(added, await q.wait_used(len(added), timeout=10))
+                        assert "resuming the packed ring" in vp.log_text()
+                        assert (await fe.stop())[0] == expected_base(q)
+                    else:
+                        await trio.sleep(1)
+                        assert len(q.get_used()) < len(added)
+    finally:
+        ram.close()

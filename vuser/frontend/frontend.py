@@ -173,13 +173,14 @@ class Frontend:
                           timeout: float = 5.0,
                           protocol_features: int | None = None,
                           packed: bool = False,
+                          own_memory: bool = True,
                           on_backend_message: BackendHandler | None = None,
                           handshake: bool = True) -> AsyncIterator[Frontend]:
         """A front-end on an already connected socket (also used by
         ``connect`` and ``listen``).
 
-        ``memory``: guest RAM to use (owned and closed by the front-end);
-        default: ``memory_mb`` MiB in ``regions`` regions (personality's
+        ``memory``: guest RAM to use (closed with the front-end unless
+        ``own_memory=False``: a guest that outlives a back-end); default: ``memory_mb`` MiB in ``regions`` regions (personality's
         default count), QEMU-like or, for DPDK, identity-mapped.
         ``num_queues``: queues of the device (QEMU's ``num_vqs``); default:
         GET_QUEUE_NUM's answer when MQ is negotiated, else 1.
@@ -215,7 +216,8 @@ class Frontend:
                     nursery.cancel_scope.cancel()
                     fe.close()
         finally:
-            memory.close()
+            if own_memory:
+                memory.close()
             sock.close()
 
     def close(self) -> None:

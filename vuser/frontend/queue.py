@@ -251,6 +251,13 @@ class DriverQueueBase:
 
     # ---------------------------------------------------------- teardown
 
+    def renew_fds(self) -> None:
+        """Fresh kick and call eventfds (the guest's queue outlives the
+        front-end that closed the old ones: a back-end reconnect)."""
+        self.close()
+        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
     def close(self) -> None:
         for name in ("kick_fd", "call_fd"):
             fd = getattr(self, name)

@@ -67,10 +67,19 @@ class _NativeRing:
     STATE: ClassVar[tuple[str, ...]]
     _PACKED: ClassVar[bool] = False
 
-    def __init__(self) -> None:
+    def __init__(self, memory: memoryview | None = None) -> None:
+        """``memory``: where the ``struct vu_vring`` lives (a shared mapping
+        that outlives the process, ``vuser.ringstate``); default: here."""
         if _lib is None:
             raise RuntimeError("vuser._native is not built (pip install . or python native/build_vring.py)")
-        self._vr: Any = _ffi.new("struct vu_vring *")
+        if memory is None:
+            self._vr: Any = _ffi.new("struct vu_vring *")
+            self._vr_handle: Any = None
+        else:
+            if len(memory) < _ffi.sizeof("struct vu_vring"):
+                raise ValueError("no room for a struct vu_vring")
+            self._vr_handle = _ffi.from_buffer(memory, require_writable=True)
+            self._vr = _ffi.cast("struct vu_vring *", self._vr_handle)
         self._counts = _ffi.new("uint32_t[2]")
         self._handles: list[Any] = []
         self._chains: Any = _ffi.NULL

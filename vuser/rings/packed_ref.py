@@ -80,7 +80,7 @@ class PyPackedRing:
     native: Any = None
     STATE: ClassVar[tuple[str, ...]] = (
         "last_avail_idx", "used_idx", "avail_wrap", "used_wrap", "signalled_used_valid", "notification",
-        "broken", "error", "log_start", "log_end", "inflight", "unsignalled")
+        "broken", "error", "log_start", "log_end", "inflight", "unsignalled", "event_written")
 
     @staticmethod
     def area_sizes(num: int) -> tuple[int, int, int]:
@@ -105,6 +105,7 @@ class PyPackedRing:
         self.broken = False
         self.error = 0
         self.log_start = self.log_end = self.inflight = self.unsignalled = 0
+        self.event_written = 0
 
     # ------------------------------------------------------------ set-up
 
@@ -156,7 +157,8 @@ class PyPackedRing:
         return self.num + k % self.num
 
     def _write_event(self) -> None:
-        U16.pack_into(self.device, 0, self.last_avail_idx | self.avail_wrap << WRAP_BIT)
+        self.event_written = self.last_avail_idx | self.avail_wrap << WRAP_BIT
+        U16.pack_into(self.device, 0, self.event_written)
 
     def _flags_at(self, slot: int) -> int:
         return int(U16.unpack_from(self.desc, DESC_SIZE * slot + FLAGS_OFF)[0])
