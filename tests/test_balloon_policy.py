@@ -19,6 +19,7 @@ from vuser.devices.balloon import BalloonDevice
 from vuser.devices.balloon.auto import AutoPolicy
 from vuser.devices.balloon.host import HostMemory, HostMemoryError, HostSource, read_cgroup, read_meminfo
 from vuser.devices.balloon.policy import ActivePolicy, PolicyFailed, PolicyInput, PolicySpec, Target, available
+from vuser.testing.distribution import write_distribution
 
 MiB = 1 << 20
 RAM = 512 * MiB
@@ -285,22 +286,24 @@ async def test_the_device_switches_a_failing_policy_off_and_keeps_its_target(
 
 # ---------------------------------------------------------------- entry points
 
+USER_POLICIES = """\
+def quarter(inputs):
+    return inputs.guest_ram * float(inputs.params.get("share", "0.25"))
+
+class Fixed:
+    def __init__(self, size="0"):
+        self.size = int(size)
+
+    def __call__(self, inputs):
+        return self.size
+"""
+
+
 @pytest.fixture
 def installed_policy(tmp_path: Path) -> Iterator[Path]:
     """A distribution on sys.path registering two user policies."""
-    (tmp_path / "mypolicies.py").write_text(
-        "def quarter(inputs):\n"
-        "    return inputs.guest_ram * float(inputs.params.get('share', '0.25'))\n"
-        "class Fixed:\n"
-        "    def __init__(self, size='0'):\n"
-        "        self.size = int(size)\n"
-        "    def __call__(self, inputs):\n"
-        "        return self.size\n")
-    dist = tmp_path / "mypolicies-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mypolicies\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(
-        "[vuser.balloon_policies]\nquarter = mypolicies:quarter\nfixed = mypolicies:Fixed\n")
+    write_distribution(tmp_path, "mypolicies", {"mypolicies": USER_POLICIES},
+                       {"vuser.balloon_policies": {"quarter": "mypolicies:quarter", "fixed": "mypolicies:Fixed"}})
     sys.path.insert(0, str(tmp_path))
     try:
         yield tmp_path
