@@ -176,6 +176,7 @@ class ActivePolicy:
         self.consulted = 0
         self.host_error: str | None = None
         self.last_host: HostMemory | None = None   # figures of the last consultation
+        self.last_answer: dict[str, Any] | None = None   # and its answer, a decision or not
 
     @classmethod
     def load(cls, text: str) -> ActivePolicy:
@@ -242,6 +243,7 @@ class ActivePolicy:
         if scope.cancelled_caught:
             raise PolicyFailed(f"gave no answer within {TIMEOUT:g}s (its thread is left to finish)")
         target, reason = _checked(answer, inputs.guest_ram)
+        self.last_answer = {"time": inputs.time, "target": target, "reason": reason}
         if target == inputs.target:
             log.debug("balloon policy %s: target stays %d MiB (%s)", self.spec.name, target // MiB,
                       reason or "no reason given")
@@ -263,7 +265,7 @@ class ActivePolicy:
         return {"spec": str(self.spec), "name": self.spec.name, "params": dict(self.spec.params),
                 "interval": self.interval, "host": self.host.describe(), "host_error": self.host_error,
                 "consulted": self.consulted, "decisions": self.made,
-                "last": self.decisions[-1] if self.decisions else None}
+                "last": self.decisions[-1] if self.decisions else None, "last_answer": self.last_answer}
 
 
 def _checked(answer: Any, guest_ram: int) -> tuple[int, str]:
