@@ -294,15 +294,17 @@ async def _watch_rows(path: str, interval: float, count: int | None) -> None:
 # ------------------------------------------------------------------ plot
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plot import PlotError, plot_file
+    from .plot import PlotError, picture_facts, plot_file
 
     try:
         kind = plot_file(args.file, args.output, title=args.title)
+        facts = picture_facts(args.output)
     except PlotError as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(f"{exc.filename or args.file}: {exc.strerror or exc}") from None
-    print(f"{args.output}: {kind} time series from {args.file}")
+    print(f"{args.output}: {kind} time series from {args.file} ({facts['width']}x{facts['height']}, "
+          f"{facts['bytes'] // 1024} KiB)")
     return 0
 
 

@@ -5,9 +5,9 @@
   up for inflate, down for deflate) and actual size, the guest's available
   memory; below, the host's available memory as the policy read it, what
   vuser released to the host, what the guest took back on its own (OOM);
-* net: per port, packets per second received and sent; below, drops per
-  second by reason (and any other counter group a port reports, such as
-  impairment counters).
+* net: per port, Mbit/s and packets per second received (solid) and sent
+  (dashed); below, drops per second by reason (and any other counter group
+  a port reports, such as impairment counters).
 
 matplotlib is an optional dependency (``pip install 'vuser[plot]'``); it is
 imported only here, only when plotting.
@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 MiB = 1 << 20
-# Counters of a net port that are drawn as rates in the top panel.
-PORT_RATES = (("rx_packets", "rx"), ("tx_packets", "tx"))
 
 
 class PlotError(Exception):
@@ -65,11 +63,15 @@ def plot_file(path: str | Path, output: str | Path, *, title: str | None = None)
     """Draw the recording ``path`` into ``output``; returns the device kind."""
     rows = read_rows(path)
     kind = str(rows[0].get("device"))
-    draw = {"balloon": _balloon}.get(kind, _net if "ports" in rows[0] else None)
-    if draw is None:
+    heights: tuple[int, ...]
+    if kind == "balloon":
+        draw, heights = _balloon, (3, 2)
+    elif "ports" in rows[0]:
+        draw, heights = _net, (2, 2, 2)
+    else:
         raise PlotError(f"{path}: no picture for a {kind} recording (balloon and net have one)")
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 1, sharex=True, figsize=(10, 7), gridspec_kw={"height_ratios": (3, 2)})
+    fig, axes = plt.subplots(len(heights), 1, sharex=True, figsize=(10, 7), gridspec_kw={"height_ratios": heights})
     try:
         draw(axes, rows)
         axes[-1].set_xlabel("seconds")
@@ -83,6 +85,18 @@ def plot_file(path: str | Path, output: str | Path, *, title: str | None = None)
     finally:
         plt.close(fig)
     return kind
+
+
+def picture_facts(path: str | Path) -> dict[str, Any]:
+    """Size, dimensions and how much the pixels vary (0 for a blank
+    picture) of a PNG: enough to tell a drawing from an empty frame."""
+    plt = _pyplot()
+    data = Path(path).read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise PlotError(f"{path}: not a PNG file")
+    pixels = plt.imread(str(path))
+    return {"bytes": len(data), "width": int(pixels.shape[1]), "height": int(pixels.shape[0]),
+            "spread": float(pixels.std())}
 
 
 def _seconds(rows: list[dict[str, Any]]) -> list[float]:
@@ -111,7 +125,7 @@ def _balloon(axes: Any, rows: list[dict[str, Any]]) -> None:
         if chosen:
             top.scatter([d["time"] - t0 for d in chosen], _mib(d["to"] for d in chosen), marker=marker,
                         color=color, zorder=3, label=f"policy: {action} ({len(chosen)})")
-    policies = sorted({str(r["policy"]) for r in rows if r.get("policy")})
+    policies = sorted({str(r["policy"]).partition(":")[0] for r in rows if r.get("policy")})
     top.set_ylabel("MiB" + (f"  (policy {', '.join(policies)})" if policies else ""))
     host = [r.get("host") or {} for r in rows]
     if any(host):
@@ -148,24 +162,27 @@ def _counter_groups(port: dict[str, Any]) -> dict[str, float]:
 
 def _net(axes: Any, rows: list[dict[str, Any]]) -> None:
     t = _seconds(rows)
-    top, bottom = axes
+    bits, packets, drops = axes
     count = max(len(r.get("ports", [])) for r in rows)
     drawn = 0
     for i in range(count):
         ports = [r["ports"][i] if i < len(r.get("ports", [])) else {} for r in rows]
         name = ports[-1].get("name", str(i))
         label = f"port {i}" + (f" ({Path(str(name)).name})" if name != str(i) else "")
-        color = f"C{i % 10}"   # one colour a port, in both panels
-        for key, what in PORT_RATES:
-            times, rates = _rates(t, [float(p.get(key, 0)) for p in ports])
-            top.plot(times, rates, color=color, ls="-" if what == "rx" else "--", label=f"{label} {what}")
+        color = f"C{i % 10}"   # one colour a port, in every panel
+        for direction, style in (("rx", "-"), ("tx", "--")):
+            times, rates = _rates(t, [8e-6 * p.get(f"{direction}_bytes", 0) for p in ports])
+            bits.plot(times, rates, color=color, ls=style, label=f"{label} {direction}")
+            times, rates = _rates(t, [float(p.get(f"{direction}_packets", 0)) for p in ports])
+            packets.plot(times, rates, color=color, ls=style)
         keys = sorted({k for p in ports for k in _counter_groups(p)})
         for n, key in enumerate(keys):
             times, rates = _rates(t, [float(_counter_groups(p).get(key, 0)) for p in ports])
             if any(rates):
-                bottom.plot(times, rates, color=color, ls=("-", "--", ":", "-.")[n % 4], label=f"{label} {key}")
+                drops.plot(times, rates, color=color, ls=("-", "--", ":", "-.")[n % 4], label=f"{label} {key}")
                 drawn += 1
-    top.set_ylabel("packets / s")
-    bottom.set_ylabel("drops (and other counters) / s")
+    bits.set_ylabel("Mbit / s")
+    packets.set_ylabel("packets / s")
+    drops.set_ylabel("drops (and other\ncounters) / s")
     if not drawn:
-        bottom.text(0.5, 0.5, "no drops", transform=bottom.transAxes, ha="center", va="center", color="grey")
+        drops.text(0.5, 0.5, "no drops", transform=drops.transAxes, ha="center", va="center", color="grey")
