@@ -1,7 +1,9 @@
 """Device discovery through the ``vuser.devices`` entry-point group, so a
 third-party package adds devices exactly the way vuser's own do.  An entry
 point names a ``vuser.plugin.DevicePlugin`` (or, for a device with nothing
-special, its ``Device`` class, which gets a plain plugin)."""
+special, its ``Device`` class, which gets a plain plugin).  ``discover``
+and ``load_object`` serve the other entry-point groups too
+(``vuser.balloon_policies``)."""
 
 from __future__ import annotations
 
