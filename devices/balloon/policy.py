@@ -203,7 +203,7 @@ class ActivePolicy:
         if isinstance(obj, type):
             try:
                 fn = obj(**own)
-            except (TypeError, ValueError, DeviceError) as exc:
+            except Exception as exc:  # its refusal of a key or value (TypeError for an unknown one)
                 raise DeviceError(f"balloon policy {spec.name}: {exc}") from None
         else:
             fn = obj
