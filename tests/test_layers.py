@@ -19,14 +19,15 @@ RANK = {
     "negotiation": 1, "protocol": 1,
     # fds from front-ends, guest memory and rings
     "fds": 2, "memory": 2, "rings": 2, "virtqueue": 2, "_native": 2,
-    # transport: framing, sockets, queue tasks, back-end channel, control socket
+    # transport: framing, sockets, queue tasks, ring state file, back-end channel, control socket, recorder
     "stream": 3, "transport": 3, "queues": 3, "ringstate": 3, "backend_channel": 3, "control": 3,
+    "recorder": 3,
     # device model: the device contract, plugins, the handler, the connection loop
     "handles": 4, "device": 4, "plugin": 4, "handler": 4, "connection": 4,
     # devices, status, discovery, runners
     "devices": 5, "status": 5, "registry": 5, "runner": 5,
     # harness, real-guest kit, command line
-    "frontend": 6, "testing": 6, "cli": 6,
+    "frontend": 6, "testing": 6, "cli": 6, "plot": 6,
 }
 SANS_IO = ("virtio", "codes", "events", "wire", "errors", "negotiation", "protocol")
 IO_MODULES = {"trio", "socket", "mmap", "os", "select", "asyncio", "subprocess"}

@@ -1,4 +1,4 @@
-"""Command line: ``vuser run | devices | qemu-args | ctl | provision``.
+"""Command line: ``vuser run | devices | qemu-args | ctl | plot | provision``.
 
 Every user error (an unknown device or option, a path that cannot be used,
 a bad control command) is one line on stderr naming the thing and the
@@ -248,9 +248,15 @@ def cmd_qemu_args(args: argparse.Namespace) -> int:
 
 def cmd_ctl(args: argparse.Namespace) -> int:
     from .control import ControlError, call
+    from .recorder import absolute_record_args
 
+    words = list(args.args)
     try:
-        result = trio.run(call, args.path, args.command, args.args)
+        if args.command == "stats" and "--watch" in words:
+            return _watch(args.path, words)
+        if args.command == "record":  # FILE is opened by vuser, whose cwd is not ours
+            words = absolute_record_args(words, os.getcwd())
+        result = trio.run(call, args.path, args.command, words)
     except ControlError as exc:
         print(f"vuser ctl: {exc}", file=sys.stderr)
         return USAGE_ERROR if exc.usage else 1
@@ -260,6 +266,60 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         print(f"vuser ctl: {args.path}: no answer in time", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _watch(path: str, words: list[str]) -> int:
+    """``stats --watch [--interval S] [--count N]``: the rows ``record``
+    writes, printed live (one JSON line each) until Ctrl-C or N rows."""
+    from .recorder import DEFAULT_INTERVAL, RecordUsageError, parse_interval
+
+    parser = Parser(prog="vuser ctl PATH stats", add_help=False)
+    parser.add_argument("--watch", action="store_true", required=True)
+    parser.add_argument("--interval", default=str(DEFAULT_INTERVAL))
+    parser.add_argument("--count", type=int, help="stop after N rows")
+    opts = parser.parse_args(words)
+    try:
+        interval = parse_interval(opts.interval)
+    except RecordUsageError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        trio.run(_watch_rows, path, interval, opts.count)
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # | head
+        sys.stderr.close()
+    return 0
+
+
+async def _watch_rows(path: str, interval: float, count: int | None) -> None:
+    from .control import call
+
+    cursor: Any = None
+    start = trio.current_time()
+    rows = 0
+    while count is None or rows < count:
+        row = await call(path, "sample", [] if cursor is None else [str(cursor)])
+        cursor = row.get("cursor", cursor)
+        print(json.dumps(row, separators=(",", ":")), flush=True)
+        rows += 1
+        await trio.sleep_until(start + rows * interval)
+
+
+# ------------------------------------------------------------------ plot
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import PlotError, picture_facts, plot_file
+
+    try:
+        kind = plot_file(args.file, args.output, title=args.title)
+        facts = picture_facts(args.output)
+    except PlotError as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"{exc.filename or args.file}: {exc.strerror or exc}") from None
+    print(f"{args.output}: {kind} time series from {args.file} ({facts['width']}x{facts['height']}, "
+          f"{facts['bytes'] // 1024} KiB)")
     return 0
 
 
@@ -287,8 +347,17 @@ def build_parser() -> Parser:
     ctl = sub.add_parser("ctl", parents=[parent], help="talk to a running device's control socket")
     ctl.add_argument("path", help="control socket of a running 'vuser run ... --control PATH'")
     ctl.add_argument("command", help="status, commands, or a device command (see vuser devices)")
-    ctl.add_argument("args", nargs="*")
+    ctl.add_argument("args", nargs=argparse.REMAINDER,
+                     help="the command's arguments (all the rest: record FILE --interval S, stats --watch)")
     ctl.set_defaults(func=cmd_ctl)
+    plot = sub.add_parser("plot", parents=[parent], help="draw a recorded time series (needs vuser[plot])",
+                          description="Draw a time series recorded with 'vuser ctl PATH record FILE': "
+                                      "memory, targets and policy decisions for a balloon; rates and drops "
+                                      "per port for net.")
+    plot.add_argument("file", help="JSON lines written by 'vuser ctl PATH record'")
+    plot.add_argument("-o", "--output", required=True, metavar="PNG", help="the picture to write")
+    plot.add_argument("--title", help="title above the plot (default: the device and the file name)")
+    plot.set_defaults(func=cmd_plot)
     prov = sub.add_parser("provision", parents=[parent], add_help=False,
                           help="install and cache what real-guest tests need (QEMU, kernels, initramfs)")
     prov.add_argument("provision_args", nargs=argparse.REMAINDER)

@@ -6,8 +6,8 @@ Answer:   {"ok": true, "result": ...}
 
 ``usage`` says the request itself was wrong (unknown command, bad
 arguments: the user's error) rather than the device failing to do it.
-Commands are ``status``, ``commands`` and the device plugin's (see
-``vuser.runner``).  The socket is created 0600.
+Commands are ``status``, ``commands``, ``record``, ``sample`` and the
+device plugin's (see ``vuser.runner``).  The socket is created 0600.
 
 Error handling: each client is served on its own; a request that is not
 JSON, too long, or too deeply nested gets an error answer (and a request

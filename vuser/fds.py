@@ -11,6 +11,11 @@ reason instead of a system call failing somewhere later (issue 9):
 * guest memory: a regular file (memfd, tmpfs, hugetlbfs, a plain file)
   opened read-write, not O_PATH, long enough for the region.
 
+Files a local user names for vuser to write (a pcap capture, a recorded
+time series) are opened by ``open_private_output``: never through a symlink,
+never a FIFO or device (which could block or swallow the writes), never
+another user's file, and never readable by others.
+
 Eventfds are shared with the front-end, which may clear O_NONBLOCK on the
 shared file description or fill the counter.  So vuser never relies on
 O_NONBLOCK alone: before writing it polls for POLLOUT (a full counter means
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import os
 import select
@@ -151,3 +157,20 @@ def drain_eventfd(fd: int) -> int:
         return int.from_bytes(os.read(fd, 8), "little")
     except (BlockingIOError, OSError):
         return 0
+
+
+def open_private_output(path: str) -> int:
+    """Create or truncate ``path`` for writing (see the module docstring);
+    OSError names what is wrong.  O_NONBLOCK: opening a FIFO must not wait
+    for a reader (it then fails the regular-file check instead)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            raise OSError(errno.EPERM, f"{path}: not a regular file of ours")
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

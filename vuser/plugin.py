@@ -9,7 +9,8 @@ devices register the same way a third-party package does).  It owns:
 * the QEMU arguments that attach a device (``qemu_args``);
 * background work shared by every instance (``background``);
 * control commands (``commands``): typed callables that the control server
-  runs and ``vuser devices`` lists.
+  runs and ``vuser devices`` lists;
+* the rows of a recorded time series (``sample``).
 
 A device with nothing special needs only ``DevicePlugin(MyDevice)``.
 """
@@ -41,6 +42,11 @@ class Param:
     name: str
     parse: Callable[[str], Any] = str
     help: str = ""
+    optional: bool = False  # may be left out (only at the end of a command's params)
+
+    @property
+    def usage(self) -> str:
+        return f"[{self.name.upper()}]" if self.optional else self.name.upper()
 
 
 @dataclass(frozen=True)
@@ -56,11 +62,13 @@ class Command(Generic[D]):
 
     @property
     def usage(self) -> str:
-        return " ".join([self.name, *(p.name.upper() for p in self.params)])
+        return " ".join([self.name, *(p.usage for p in self.params)])
 
     def __call__(self, devices: Sequence[D], args: Sequence[str]) -> Any:
-        if len(args) != len(self.params):
-            raise CommandError(f"{self.name} takes {len(self.params)} argument(s): {self.usage}")
+        required = sum(not p.optional for p in self.params)
+        if not required <= len(args) <= len(self.params):
+            counts = f"{required}" if required == len(self.params) else f"{required} to {len(self.params)}"
+            raise CommandError(f"{self.name} takes {counts} argument(s): {self.usage}")
         values = []
         for p, text in zip(self.params, args):
             try:
@@ -71,7 +79,7 @@ class Command(Generic[D]):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "usage": self.usage, "help": self.help,
-                "params": [{"name": p.name, "help": p.help} for p in self.params]}
+                "params": [{"name": p.name, "help": p.help, "optional": p.optional} for p in self.params]}
 
 
 def qemu_escape(value: str) -> str:
@@ -139,6 +147,13 @@ class DevicePlugin(Generic[D]):
                            f"num_vqs={device.max_queues},config_size={device.config_size}"]
 
     # ----------------------------------------------------------- control
+
+    def sample(self, devices: Sequence[D], since: int | None) -> dict[str, Any]:
+        """One row of the time series ``vuser ctl PATH record`` writes and
+        ``stats --watch`` prints (override: the figures worth plotting).
+        ``since``: the ``cursor`` of the previous row, if the row had one,
+        so a row can carry what happened since then (balloon decisions)."""
+        return {"devices": [d.status() for d in devices]}
 
     def command(self, name: str) -> Command[D] | None:
         for c in self.commands:

@@ -1,14 +1,16 @@
 """Device discovery through the ``vuser.devices`` entry-point group, so a
 third-party package adds devices exactly the way vuser's own do.  An entry
 point names a ``vuser.plugin.DevicePlugin`` (or, for a device with nothing
-special, its ``Device`` class, which gets a plain plugin)."""
+special, its ``Device`` class, which gets a plain plugin).  ``discover``
+and ``load_object`` serve the other entry-point groups too
+(``vuser.balloon_policies``)."""
 
 from __future__ import annotations
 
 import importlib
 import logging
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Mapping
 
 from .device import Device
 from .plugin import DevicePlugin
@@ -29,9 +31,28 @@ class UnknownDevice(LookupError):
     """No device of that name is registered."""
 
 
-def _load(target: str) -> DevicePlugin[Any]:
+def discover(group: str, builtin: Mapping[str, str]) -> dict[str, str]:
+    """Name -> "module:object" for an entry-point group: ``builtin`` (what
+    vuser itself registers, for a tree that was never installed), then every
+    installed entry point of ``group`` (which wins on a name clash)."""
+    found = dict(builtin)
+    for ep in entry_points(group=group):
+        found[ep.name] = ep.value
+    return found
+
+
+def load_object(target: str) -> Any:
+    """The object an entry-point value names: "module:attr" or
+    "module:attr.attr" (raises ImportError or AttributeError)."""
     module, _, attr = target.partition(":")
-    obj = getattr(importlib.import_module(module), attr)
+    obj: Any = importlib.import_module(module.strip())
+    for part in filter(None, attr.strip().split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _load(target: str) -> DevicePlugin[Any]:
+    obj = load_object(target)
     if isinstance(obj, DevicePlugin):
         return obj
     if isinstance(obj, type) and issubclass(obj, Device):
@@ -41,10 +62,7 @@ def _load(target: str) -> DevicePlugin[Any]:
 
 def available() -> dict[str, str]:
     """Device name -> "module:object"."""
-    found = dict(_BUILTIN)
-    for ep in entry_points(group=GROUP):
-        found[ep.name] = ep.value
-    return found
+    return discover(GROUP, _BUILTIN)
 
 
 def load(name: str) -> DevicePlugin[Any]:

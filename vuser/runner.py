@@ -2,13 +2,15 @@
 mode), the optional control socket, and the status and commands they share.
 
 Control commands: ``status`` (``vuser.status``), ``commands`` (what this
-process answers to), and the commands of the device's plugin
+process answers to), ``record`` and ``sample`` (time series,
+``vuser.recorder``), and the commands of the device's plugin
 (``vuser.plugin.Command``), run on the device instances in socket order.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 from typing import Any, Sequence
 
@@ -18,11 +20,21 @@ from .connection import DeviceConnection
 from .control import serve_control
 from .device import Device
 from .plugin import BackgroundTask, CommandError, DevicePlugin
+from .recorder import Recorder
 from .ringstate import RingStateFile
 from .status import group_status, socket_status
 from .transport import serve_client, serve_unix
 
 log = logging.getLogger(__name__)
+
+
+# Commands every device answers, besides its plugin's.
+_GENERIC = (
+    {"name": "status", "usage": "status", "help": "connection, features, queues, device"},
+    {"name": "record", "usage": "record FILE [--interval S] | record stop | record",
+     "help": "write a time series (JSON lines) to FILE until 'record stop'"},
+    {"name": "sample", "usage": "sample [CURSOR]", "help": "one row of the time series"},
+)
 
 
 class Runner:
@@ -45,6 +57,7 @@ class Runner:
         self.plugin = plugin
         self.connection: DeviceConnection | None = None
         self.connections = 0
+        self._group: RunnerGroup | None = None
 
     async def _handle(self, sock: trio.socket.SocketType) -> None:
         """Serve one connection.  Last resort (one connection is one fault
@@ -67,12 +80,20 @@ class Runner:
         return socket_status(self.device, self.socket_path, client=self.client, connections=self.connections,
                              conn=self.connection, with_device=with_device)
 
+    @property
+    def group(self) -> RunnerGroup:
+        """This runner as a group of one: the control commands it answers."""
+        if self._group is None:
+            self._group = RunnerGroup([self], plugin=self.plugin)
+        return self._group
+
     def control(self, command: str, args: list[str]) -> Any:
-        return RunnerGroup([self], plugin=self.plugin).control(command, args)
+        return self.group.control(command, args)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             if self.control_path:
+                await nursery.start(self.group.recorder.run)
                 await nursery.start(serve_control, self.control_path, self.control)
             if self.client:
                 await nursery.start(partial(serve_client, peer_uids=self.peer_uids), self.socket_path,
@@ -103,6 +124,7 @@ class RunnerGroup:
             from .registry import plugin_for
             plugin = plugin_for(self.runners[0].device)
         self.plugin = plugin
+        self.recorder = Recorder(self.sample)
 
     @property
     def devices(self) -> list[Device]:
@@ -113,17 +135,26 @@ class RunnerGroup:
             return self.runners[0].status()
         return group_status([r.status(with_device=False) for r in self.runners], self.runners[0].device)
 
+    def sample(self, since: Any = None) -> dict[str, Any]:
+        """One row of the time series (``vuser.recorder``)."""
+        return {"time": time.time(), "device": self.plugin.name, **self.plugin.sample(self.devices, since)}
+
     def control(self, command: str, args: list[str]) -> Any:
         if command == "status":
             if args:
                 raise CommandError("status takes no arguments")
             return self.status()
         if command == "commands":
-            return [{"name": "status", "usage": "status", "help": "connection, features, queues, device"},
-                    *(c.describe() for c in self.plugin.commands)]
+            return [*_GENERIC, *(c.describe() for c in self.plugin.commands)]
+        if command == "record":
+            return self.recorder.control(args)
+        if command == "sample":
+            if len(args) > 1 or (args and not args[0].isdigit()):
+                raise CommandError("usage: sample [CURSOR] (CURSOR: the cursor of the previous row)")
+            return self.sample(int(args[0]) if args else None)
         found = self.plugin.command(command)
         if found is None:
-            known = ", ".join(["status", "commands", *(c.name for c in self.plugin.commands)])
+            known = ", ".join([*(c["name"] for c in _GENERIC), *(c.name for c in self.plugin.commands)])
             raise CommandError(f"{self.plugin.name}: unknown command {command!r} (commands: {known})")
         return found(self.devices, args)
 
@@ -134,5 +165,6 @@ class RunnerGroup:
             for runner in self.runners:
                 await nursery.start(runner.run)
             if self.control_path:
+                await nursery.start(self.recorder.run)
                 await nursery.start(serve_control, self.control_path, self.control)
             task_status.started()

@@ -18,6 +18,12 @@ free_page_hint_cmd_id, poison_val (driver-written).  Only actual and
 poison_val are taken from config writes: QEMU 11.1's generic device writes
 the whole config back from a stale copy (design.md).
 
+Policies (``policy``): with one on, the stats timer consults it after each
+fresh stats and applies the target it answers; one that fails is switched
+off and the device goes on at the last target.  Pages the guest takes back
+while the target says to keep them (its OOM notifier, DEFLATE_ON_OOM) are
+counted as ``oom_deflated_pages``.
+
 Bounded work (issue 9): PFNs are read per buffer in bounded pieces, only
 those in guest RAM are kept (``pages``), a round pops at most
 ``BUFFERS_PER_ROUND`` buffers, and guest mistakes are logged at most once
@@ -27,7 +33,7 @@ per interval.
 from __future__ import annotations
 
 import logging
-import re
+import math
 import struct
 import time
 from typing import Any
@@ -42,6 +48,7 @@ from vuser.virtio import BalloonFeature as BF
 from vuser.virtio import BalloonStat, DeviceId
 
 from .pages import PAGE_SHIFT, PAGE_SIZE, PageBitmap, in_ram, read_pfns, runs
+from .policy import ActivePolicy, PolicyFailed, PolicyInput
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +57,12 @@ log = logging.getLogger(__name__)
 BUFFERS_PER_ROUND = 16
 # Bytes read from a stats or command buffer (16 stats tags are 160).
 SMALL_BUFFER = 1024
+# Seconds a policy waits for the stats it asked for before deciding on older ones.
+STATS_WAIT = 1.0
 
 CMD_ID_STOP = 0
 CMD_ID_DONE = 1
 _STAT = struct.Struct("<HQ")  # struct virtio_balloon_stat is packed: le16 tag, le64 val
-
-
-def parse_size(text: str) -> int:
-    """'64M', '1G', '4096' (bytes) or '100p' / '100pages' (4 KiB pages) -> pages."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kmgtp]?)(i?b?|ages?)?\s*", text.lower())
-    if not m:
-        raise DeviceError(f"cannot parse size {text!r} (e.g. 64M, 1G, 4096, 100p)")
-    number, unit = int(m.group(1)), m.group(2)
-    if unit == "p":
-        return number
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
-    return (number * scale) // PAGE_SIZE
 
 
 def _stat_name(tag: int) -> str:
@@ -95,7 +92,8 @@ class BalloonDevice(Device):
         ConfigField("poison_val", 12, 4, feature="PAGE_POISON", writable=True),
     )
 
-    def __init__(self, *, target_pages: int = 0, stats_interval: float = 2.0, **kw: Any) -> None:
+    def __init__(self, *, target_pages: int = 0, stats_interval: float = 2.0,
+                 policy: ActivePolicy | None = None, **kw: Any) -> None:
         super().__init__(**kw)
         self.num_pages = target_pages
         self.actual = 0
@@ -121,6 +119,13 @@ class BalloonDevice(Device):
         self.stats_updates = 0
         self._stats_head: int | None = None
         self._stats_event = trio.Event()
+        self.oom_deflated_pages = 0
+        self.policy: ActivePolicy | None = None
+        self.policy_off: str | None = None   # why the last policy was switched off
+        self._own_stats_interval = stats_interval
+        self._retimed = trio.Event()         # set when the timer's interval changes
+        if policy is not None:
+            self.set_policy(policy)
 
     # ------------------------------------------------------------ config
 
@@ -220,8 +225,11 @@ class BalloonDevice(Device):
         used = []
         for chain in queue.pop(BUFFERS_PER_ROUND):
             for first, count in self._page_runs(queue, chain):
+                short_before = max(0, self.num_pages - self.inflated.count)
                 self.inflated.unset(first, count)
                 self.pages_deflated_total += count
+                # Below the target: the guest took them back on its own (OOM).
+                self.oom_deflated_pages += max(0, self.num_pages - self.inflated.count) - short_before
             self.deflate_buffers += 1
             used.append((chain.head, 0))
         queue.push(used)
@@ -291,13 +299,23 @@ class BalloonDevice(Device):
     # ------------------------------------------------------------ stats timer
 
     async def run(self, context: DeviceContext) -> None:
-        """Poll the stats queue: hand the buffer back each interval and let
-        the driver refill it (virtio spec 5.5.6.3)."""
-        if self.stats_interval <= 0:
-            return
+        """Each interval hand the stats buffer back and let the driver
+        refill it (virtio spec 5.5.6.3); with a policy on, consult it once
+        the fresh stats are in (or after STATS_WAIT)."""
         while True:
-            await trio.sleep(self.stats_interval)
-            self.request_stats()
+            retimed, interval = self._retimed, self.stats_interval
+            with trio.move_on_after(interval if interval > 0 else math.inf):
+                await retimed.wait()
+                continue  # the interval changed: start over with the new one
+            fresh = self._stats_event
+            asked = self.request_stats()
+            policy = self.policy
+            if policy is None:
+                continue
+            if asked:
+                with trio.move_on_after(min(interval, STATS_WAIT)):
+                    await fresh.wait()
+            await self._consult(policy)
 
     def request_stats(self) -> bool:
         if self.context is None or self._stats_head is None:
@@ -319,6 +337,48 @@ class BalloonDevice(Device):
         self.num_pages = pages
         log.info("balloon: target %d pages (%d MiB)", pages, (pages * PAGE_SIZE) >> 20)
         self.config_changed()
+
+    def set_policy(self, policy: ActivePolicy | None) -> None:
+        """Switch ``policy`` on (replacing any other), or off with None.  A
+        policy sets the stats interval while it is on."""
+        self.policy = policy
+        self.policy_off = None
+        self.stats_interval = policy.interval if policy is not None else self._own_stats_interval
+        self._retimed.set()
+        self._retimed = trio.Event()
+        if policy is not None:
+            log.info("balloon: policy %s on (every %gs, host memory from %s)", policy.spec, policy.interval,
+                     policy.host.describe())
+        else:
+            log.info("balloon: policy off")
+
+    def policy_input(self) -> PolicyInput | None:
+        """What a policy sees now (host figures are added when it runs);
+        None while no front-end gave a memory table."""
+        ram = sum(r.size for r in self.context.memory) if self.context is not None else 0
+        if ram <= 0:
+            return None
+        now = time.time()
+        return PolicyInput(time=now, guest_ram=ram, target=self.num_pages * PAGE_SIZE,
+                           actual=self.actual * PAGE_SIZE, stats=dict(self.stats),
+                           stats_age=None if self.stats_time is None else max(0.0, now - self.stats_time),
+                           deflate_on_oom=self.has("DEFLATE_ON_OOM", self.negotiated), host=None)
+
+    async def _consult(self, policy: ActivePolicy) -> None:
+        inputs = self.policy_input()
+        if inputs is None:
+            return
+        try:
+            decision = await policy.consult(inputs)
+        except PolicyFailed as exc:
+            if self.policy is policy:
+                log.warning("balloon: policy %s switched off: %s; the target stays %d MiB", policy.spec, exc,
+                            (self.num_pages * PAGE_SIZE) >> 20)
+                self.set_policy(None)
+                self.policy_off = f"{policy.spec}: {exc}"
+            return
+        if decision is not None and self.policy is policy:  # not replaced meanwhile
+            self.set_target(decision["to"] // PAGE_SIZE)
 
     def hint(self, action: str) -> int:
         if action == "start":
@@ -354,4 +414,11 @@ class BalloonDevice(Device):
                                "ranges": self.hinted_ranges, "bytes": self.hinted_bytes},
             "stats": {"values": dict(self.stats), "time": self.stats_time, "updates": self.stats_updates,
                       "interval": self.stats_interval},
+            "oom_deflated_pages": self.oom_deflated_pages,
+            "policy": self.policy_status(),
         }
+
+    def policy_status(self) -> dict[str, Any]:
+        if self.policy is not None:
+            return {"on": True, **self.policy.describe()}
+        return {"on": False, "switched_off": self.policy_off}

@@ -12,10 +12,12 @@ held, at most ``MAX_BITMAP_CHUNKS`` of them.
 
 from __future__ import annotations
 
+import re
 import sys
 from array import array
 from typing import Iterable, Sequence
 
+from vuser.device import DeviceError
 from vuser.memory import GuestMemory
 
 PAGE_SHIFT = 12  # VIRTIO_BALLOON_PFN_SHIFT: the balloon always speaks 4 KiB pages
@@ -25,6 +27,18 @@ CHUNK_PAGES = 1 << 18              # 1 GiB of guest-physical memory per bitmap c
 MAX_BITMAP_CHUNKS = 4096           # 4 TiB of guest RAM tracked, 128 MiB of bits at most
 
 Run = tuple[int, int]  # (first pfn, count)
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '4096' (bytes) or '100p' / '100pages' (4 KiB pages) -> pages."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgtp]?)(i?b?|ages?)?\s*", text.lower())
+    if not m:
+        raise DeviceError(f"cannot parse size {text!r} (e.g. 64M, 1G, 4096, 100p)")
+    number, unit = int(m.group(1)), m.group(2)
+    if unit == "p":
+        return number
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
+    return (number * scale) // PAGE_SIZE
 
 
 def read_pfns(memory: GuestMemory, views: Sequence[memoryview]) -> tuple[list[int], int]:

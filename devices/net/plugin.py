@@ -87,6 +87,12 @@ class NetPlugin(DevicePlugin[NetDevice]):
     def background(self, devices: Sequence[NetDevice]) -> list[BackgroundTask]:
         return [devices[0].switch.run] if devices else []
 
+    def sample(self, devices: Sequence[NetDevice], since: int | None) -> dict[str, Any]:
+        """Per-port counters (every counter a port reports, so new ones are
+        recorded as they appear) and the switch's own."""
+        stats = devices[0].switch.stats()
+        return {"ports": stats["ports"], "flooded": stats["flooded"], "segmented": stats["segmented"]}
+
     def qemu_args(self, device: NetDevice, chardev: str, qemu_version: str) -> list[str]:
         mq = f",queues={device.queue_pairs}" if device.queue_pairs > 1 else ""
         mac = port_mac(device.port.name).hex(":")

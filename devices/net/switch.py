@@ -28,7 +28,6 @@ import fcntl
 import logging
 import os
 import socket
-import stat
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from typing import Any, Protocol
 
 import trio
 
+from vuser.fds import open_private_output
 from vuser.virtio import NetGso, NetHdrFlag
 
 try:
@@ -377,19 +377,8 @@ class NetSwitch:
     # ------------------------------------------------------------ pcap
 
     def _open_pcap(self, path: str, snaplen: int) -> None:
-        # Never through a symlink, never someone else's file, never world-
-        # readable (a capture holds every guest's traffic).
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-                raise OSError(errno.EPERM, f"{path}: not a regular file of ours")
-            os.fchmod(fd, 0o600)
-            os.ftruncate(fd, 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._pcap_fd = fd
+        # A capture holds every guest's traffic: private, never through a symlink.
+        self._pcap_fd = open_private_output(path)
         os.write(self._pcap_fd, struct.pack("=IHHiIII", PCAP_MAGIC, 2, 4, 0, 0, snaplen, LINKTYPE_ETHERNET))
         buf = ffi.new("uint8_t[]", PCAP_BUFFER)
         self._keep.append(buf)
