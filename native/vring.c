@@ -200,6 +200,7 @@ broken:
 out:
     if (vr->last_avail_idx != start && vr->event_idx && vr->notification)
         st16(vr->device + AVAIL_RING + USED_ELEM_SIZE * vr->num, vr->last_avail_idx);
+    vr->popped += nc;
     *n_chains = nc;
     *n_segs = ns;
     return rc;
@@ -300,12 +301,14 @@ static int vring_unpop(struct vu_vring *vr, uint32_t n)
         int rc = vu_packed_unpop(vr, n);
         if (rc)
             return rc;
+        vr->popped -= n;
         /* vu_vring_pop moved the device event past them; put it back. */
         if (vr->event_idx && vr->notification)
             vu_packed_write_event(vr);
         return 0;
     }
     vr->last_avail_idx = (uint16_t)(vr->last_avail_idx - n);
+    vr->popped -= n;
     if (vr->event_idx && vr->notification)
         st16(vr->device + AVAIL_RING + USED_ELEM_SIZE * vr->num, vr->last_avail_idx);
     return 0;

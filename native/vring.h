@@ -211,6 +211,7 @@ struct vu_vring {
     uint32_t log_end;              /* packed: where the next pop is logged */
     uint32_t inflight;             /* packed: buffers popped and not pushed */
     uint32_t unsignalled;          /* packed: used slots written since the last decision (<= num) */
+    uint32_t popped;               /* chains popped, less those given back (wraps): progress */
     int32_t error;                 /* the VU_ERR_* that broke the ring */
 };
 

@@ -197,6 +197,7 @@ broken:
 out:
     if (nc && vr->event_idx && vr->notification)
         vu_packed_write_event(vr);
+    vr->popped += nc;
     *n_chains = nc;
     *n_segs = ns;
     return rc;

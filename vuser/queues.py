@@ -270,12 +270,12 @@ class QueueRuntime:
             vq = slot.vq
             if vq is None or not slot.enabled or self.broken is not None:
                 return False
-            before = vq.last_avail_idx
+            before = vq.popped  # (not the ring position: it repeats after whole laps)
             vq.set_notification(False)
             slot.budget.reset()
             self._round(slot)
             vq.set_notification(True)
-            if self.broken is not None or vq.last_avail_idx == before or not vq.avail_pending():
+            if self.broken is not None or vq.popped == before or not vq.avail_pending():
                 return False
         return True
 

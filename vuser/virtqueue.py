@@ -186,6 +186,11 @@ class VirtQueue:
         return self._ring.used_idx
 
     @property
+    def popped(self) -> int:
+        """Chains popped so far (less those given back), modulo 2^32."""
+        return self._ring.popped if self._ready() else 0
+
+    @property
     def broken(self) -> bool:
         return self.error is not None
 

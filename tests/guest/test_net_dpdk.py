@@ -6,6 +6,7 @@ userspace virtio-net driver on the other side of the socket.
   testpmds and by vuser's per-port counters, then the other way round.
 - ``--reflect``: testpmd's ``flowgen`` gets its frames back from vuser.
 - ``--sink`` with two queue pairs: both transmit queues drained.
+- The first two also with packed rings (virtio_user's ``packed_vq=1``).
 
 vuser runs in the test's process (one Runner per socket, as ``vuser run
 net --socket A --socket B``).  Needs ``dpdk-testpmd`` (Debian's dpdk-dev).
@@ -48,6 +49,10 @@ def lcores(k: int) -> str:
     return f"0@{fwd},1@{fwd}"
 
 
+RINGS = {"split": "", "packed": ",packed_vq=1"}
+PACKED = "VIRTIO_F_RING_PACKED"
+
+
 @asynccontextmanager
 async def vuser_net(tmp_path: Path, sockets: int, **switch_options: Any
                     ) -> AsyncIterator[tuple[NetSwitch, list[str]]]:
@@ -58,7 +63,9 @@ async def vuser_net(tmp_path: Path, sockets: int, **switch_options: Any
     for d in devices:
         d.port  # noqa: B018 - ports in socket order
     paths = [str(tmp_path / f"vnet{i}.sock") for i in range(sockets)]
-    group = RunnerGroup([Runner(d, p) for d, p in zip(devices, paths)], background=[switch.run])
+    runners = [Runner(d, p) for d, p in zip(devices, paths)]
+    RUNNERS[:] = runners
+    group = RunnerGroup(runners, background=[switch.run])
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(group.run)
@@ -68,6 +75,13 @@ async def vuser_net(tmp_path: Path, sockets: int, **switch_options: Any
                 nursery.cancel_scope.cancel()
     finally:
         switch.close()
+
+
+RUNNERS: list[Runner] = []   # of the running vuser_net, for the negotiated features
+
+
+def negotiated(i: int) -> list[str]:
+    return list(RUNNERS[i].status()["negotiated_features"])
 
 
 def port(switch: NetSwitch, i: int) -> dict[str, Any]:
@@ -109,14 +123,17 @@ async def one_way(sender: dpdk.Testpmd, receiver: dpdk.Testpmd, switch: NetSwitc
           f"delivered {s_rx['rx_packets']} (dropped {s_rx['dropped']}), testpmd received {delivered}")
 
 
-async def test_testpmd_to_testpmd_through_vuser(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ring", sorted(RINGS))
+async def test_testpmd_to_testpmd_through_vuser(tmp_path: Path, ring: str) -> None:
     with trio.fail_after(DEADLINE):
         async with vuser_net(tmp_path, 2) as (switch, paths):
-            async with dpdk.testpmd(f"net_virtio_user0,path={paths[0]},queues=1", fwd="txonly",
+            async with dpdk.testpmd(f"net_virtio_user0,path={paths[0]},queues=1{RINGS[ring]}", fwd="txonly",
                                     txpkts=FRAME, lcores=lcores(0), name="a",
                                     log_path=tmp_path / "a.log") as a, \
-                    dpdk.testpmd(f"net_virtio_user0,path={paths[1]},queues=1", fwd="rxonly",
+                    dpdk.testpmd(f"net_virtio_user0,path={paths[1]},queues=1{RINGS[ring]}", fwd="rxonly",
                                  lcores=lcores(1), name="b", log_path=tmp_path / "b.log") as b:
+                for i in range(2):
+                    assert (PACKED in negotiated(i)) == (ring == "packed"), negotiated(i)
                 await one_way(a, b, switch, 0, 1)
                 # The other way round: forward modes switch at the prompt.
                 await a.command("set fwd rxonly")
@@ -127,12 +144,14 @@ async def test_testpmd_to_testpmd_through_vuser(tmp_path: Path) -> None:
             assert st["ports"][0]["tx_packets"] > ENOUGH and st["ports"][1]["tx_packets"] > ENOUGH
 
 
-async def test_reflect_back_to_testpmd(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ring", sorted(RINGS))
+async def test_reflect_back_to_testpmd(tmp_path: Path, ring: str) -> None:
     with trio.fail_after(DEADLINE):
         async with vuser_net(tmp_path, 1, mode="reflect") as (switch, paths):
-            async with dpdk.testpmd(f"net_virtio_user0,path={paths[0]},queues=1", fwd="flowgen",
+            async with dpdk.testpmd(f"net_virtio_user0,path={paths[0]},queues=1{RINGS[ring]}", fwd="flowgen",
                                     txpkts=FRAME, lcores=lcores(0), name="r",
                                     log_path=tmp_path / "r.log") as tp:
+                assert (PACKED in negotiated(0)) == (ring == "packed"), negotiated(0)
                 await tp.start()
                 await wait_until(lambda: tp.received_more(ENOUGH), DEADLINE,
                                  f"{ENOUGH} frames back", interval=0.05)

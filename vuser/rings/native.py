@@ -150,6 +150,10 @@ class _NativeRing:
         return int(self._vr.used_idx)
 
     @property
+    def popped(self) -> int:
+        return int(self._vr.popped)
+
+    @property
     def broken(self) -> bool:
         return bool(self._vr.broken)
 

@@ -80,7 +80,7 @@ class PyPackedRing:
     native: Any = None
     STATE: ClassVar[tuple[str, ...]] = (
         "last_avail_idx", "used_idx", "avail_wrap", "used_wrap", "signalled_used_valid", "notification",
-        "broken", "error", "log_start", "log_end", "inflight", "unsignalled", "event_written")
+        "broken", "error", "log_start", "log_end", "inflight", "unsignalled", "event_written", "popped")
 
     @staticmethod
     def area_sizes(num: int) -> tuple[int, int, int]:
@@ -106,6 +106,7 @@ class PyPackedRing:
         self.error = 0
         self.log_start = self.log_end = self.inflight = self.unsignalled = 0
         self.event_written = 0
+        self.popped = 0
 
     # ------------------------------------------------------------ set-up
 
@@ -204,6 +205,7 @@ class PyPackedRing:
             self.error = rc
         if chains and self.event_idx and self.notification:
             self._write_event()
+        self.popped = (self.popped + len(chains)) & 0xFFFF_FFFF
         return rc, chains, segs
 
     def _walk(self, regions: Sequence[RegionLike],
@@ -358,6 +360,7 @@ class PyPackedRing:
                                                                  self.num - slots)
             self.avail_wrap ^= 1
             self.inflight -= 1
+        self.popped = (self.popped - n) & 0xFFFF_FFFF
         if self.event_idx and self.notification:
             self._write_event()
         return 0

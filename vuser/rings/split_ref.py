@@ -74,7 +74,7 @@ class PySplitRing:
     native: Any = None
     STATE: ClassVar[tuple[str, ...]] = (
         "last_avail_idx", "used_idx", "signalled_used", "signalled_used_valid",
-        "notification", "broken", "error")
+        "notification", "broken", "error", "popped")
 
     @staticmethod
     def area_sizes(num: int) -> tuple[int, int, int]:
@@ -98,6 +98,7 @@ class PySplitRing:
         self.notification = False
         self.broken = False
         self.error = 0
+        self.popped = 0
 
     # ------------------------------------------------------------ set-up
 
@@ -136,6 +137,7 @@ class PySplitRing:
         if not n or self.broken:  # a broken ring is never read again
             return 0
         self.last_avail_idx = (self.last_avail_idx - n) & 0xFFFF
+        self.popped = (self.popped - n) & 0xFFFF_FFFF
         if self.event_idx and self.notification:
             U16.pack_into(self.used, RING_HDR + USED_ELEM_SIZE * self.num, self.last_avail_idx)
         return 0
@@ -185,6 +187,7 @@ class PySplitRing:
             self.error = rc
         if self.last_avail_idx != start and self.event_idx and self.notification:
             U16.pack_into(self.used, RING_HDR + USED_ELEM_SIZE * self.num, self.last_avail_idx)
+        self.popped = (self.popped + len(chains)) & 0xFFFF_FFFF
         return rc, chains, segs
 
     def _walk(self, regions: Sequence[RegionLike], head: int,
