@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import trio
 
 from vuser.device import DeviceError
 from vuser.devices.balloon import BalloonDevice

@@ -36,7 +36,6 @@ import itertools
 import logging
 import math
 import numbers
-import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, cast

@@ -99,6 +99,28 @@ class PackedDriverQueue(DriverQueueBase):
     def write_desc(self, slot: int, addr: int, length: int, buffer_id: int, flags: int) -> None:
         self.memory.pack("<QIHH", self.desc_gpa + DESC_SIZE * (slot % self.num), addr, length, buffer_id, flags)
 
+    def add_raw(self, descs: list[tuple[int, int, int, int]], *, lap_bits: bool = True) -> None:
+        """Write ``descs`` (addr, len, buffer id, flags) at the next slots
+        as a driver would (each with its lap's AVAIL/USED bits when
+        ``lap_bits``, the first one's flags last) without recording a
+        chain: hostile rings for tests and the fuzzer."""
+        slot, wrap = self.next_avail, self.avail_wrap
+        first: tuple[int, int] | None = None
+        for addr, length, buffer_id, flags in descs:
+            if lap_bits:
+                flags |= avail_flags(wrap)
+            if first is None:
+                first = (slot, flags)
+                self.memory.pack("<QIH", self.desc_gpa + DESC_SIZE * slot, addr, length, buffer_id)
+            else:
+                self.write_desc(slot, addr, length, buffer_id, flags)
+            slot += 1
+            if slot == self.num:
+                slot, wrap = 0, wrap ^ 1
+        if first is not None:
+            self.memory.pack("<H", self.desc_gpa + DESC_SIZE * first[0] + FLAGS_OFF, first[1])
+        self.next_avail, self.avail_wrap = slot, wrap
+
     def read_desc(self, slot: int) -> tuple[int, int, int, int]:
         addr, length, buffer_id, flags = self.memory.unpack("<QIHH", self.desc_gpa + DESC_SIZE * slot)
         return addr, length, buffer_id, flags

@@ -248,12 +248,17 @@ class PyPackedRing:
     # ------------------------------------------------------------ push / notify
 
     def _check_push(self, elems: Sequence[tuple[int, int]]) -> int:
+        if self.in_order:  # the oldest in pop order: distinct by construction
+            for k, (bid, _) in enumerate(elems):
+                if bid >= self.num or not self.ids[bid]:
+                    return ERR_PUSH_ID
+                if k >= self.inflight or self.ids[self._log(self.log_start + k)] != bid:
+                    return ERR_PUSH_ORDER
+            return 0
         seen: set[int] = set()
-        for k, (bid, _) in enumerate(elems):
+        for bid, _ in elems:
             if bid >= self.num or not self.ids[bid] or bid in seen:
                 return ERR_PUSH_ID
-            if self.in_order and (k >= self.inflight or self.ids[self._log(self.log_start + k)] != bid):
-                return ERR_PUSH_ORDER
             seen.add(bid)
         return 0
 
@@ -271,34 +276,30 @@ class PyPackedRing:
         rc = self._check_push(elems)
         if rc or n == 0:
             return rc
-        # Ids and lengths of every used descriptor first (each where its
-        # run of buffers starts) ...
+        # Each used descriptor where its run of buffers starts: id, length,
+        # flags; the first one's flags last (vring_packed.c).
         pos = at = self.used_idx
-        wrap = self.used_wrap
-        for k, (bid, written) in enumerate(elems):
-            pos, wrap = self._advance(pos, wrap, self.ids[bid])
-            if not self._coalesced(elems, k):
-                _LEN_ID.pack_into(self.desc, DESC_SIZE * at + LEN_OFF, written, bid)
-                at = pos
-        # ... then the flags of all but the first, then the first's.
-        pos, wrap = self.used_idx, self.used_wrap
-        at, at_wrap = pos, wrap
+        wrap = at_wrap = self.used_wrap
         first: tuple[int, int] | None = None
+        total = 0
         for k, (bid, written) in enumerate(elems):
             slots = self.ids[bid]
             self.ids[bid] = 0
-            self.unsignalled = min(self.unsignalled + slots, self.num)
+            total += slots
             pos, wrap = self._advance(pos, wrap, slots)
-            if not self._coalesced(elems, k):
-                flags = used_flags(at_wrap) | (WRITE if written else 0)
-                if first is None:
-                    first = (at, flags)
-                else:
-                    U16.pack_into(self.desc, DESC_SIZE * at + FLAGS_OFF, flags)
-                at, at_wrap = pos, wrap
+            if self._coalesced(elems, k):
+                continue
+            _LEN_ID.pack_into(self.desc, DESC_SIZE * at + LEN_OFF, written, bid)
+            flags = used_flags(at_wrap) | (WRITE if written else 0)
+            if first is None:
+                first = (at, flags)
+            else:
+                U16.pack_into(self.desc, DESC_SIZE * at + FLAGS_OFF, flags)
+            at, at_wrap = pos, wrap
         assert first is not None
         U16.pack_into(self.desc, DESC_SIZE * first[0] + FLAGS_OFF, first[1])
         self.used_idx, self.used_wrap = pos, wrap
+        self.unsignalled = min(self.unsignalled + total, self.num)
         self.inflight -= n
         if self.in_order:
             self.log_start = (self.log_start + n) % self.num
