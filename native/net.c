@@ -693,8 +693,8 @@ static int deliver_fd(struct vu_net_port *d, uint8_t *frame, uint32_t len, const
     return -1;
 }
 
-/* Deliver one frame or segment as it is; counts it on d. */
-static void deliver_one(struct vu_net_switch *sw, struct vu_net_port *d, uint32_t src_qp,
+/* Deliver one frame or segment as it is, now; counts it on d. */
+static void deliver_now(struct vu_net_switch *sw, struct vu_net_port *d, uint32_t src_qp,
                         uint8_t *frame, uint32_t len, const struct vnet_hdr *h)
 {
     int drop;
@@ -711,6 +711,105 @@ static void deliver_one(struct vu_net_switch *sw, struct vu_net_port *d, uint32_
     }
     d->stats.rx_packets++;
     d->stats.rx_bytes += len;
+}
+
+/* A frame for an impaired port (impair.h): lost, duplicated, corrupted (a
+ * copy in impair_scratch, with the header room in front), delivered now
+ * or held until due.  DATA_VALID is never passed on: the guest checks
+ * checksums, so corruption shows as it would on a wire. */
+static void deliver_impaired(struct vu_net_switch *sw, struct vu_net_port *d, uint32_t src_qp,
+                             uint8_t *frame, uint32_t len, const struct vnet_hdr *h)
+{
+    struct vu_net_impair *im = d->impair;
+    struct vu_impair_copy copies[2];
+    struct vnet_hdr plain = *h;
+    uint32_t n = vu_impair_decide(im, len, sw->now_us, copies);
+
+    plain.flags &= (uint8_t)~VU_NET_HDR_F_DATA_VALID;
+    for (uint32_t k = 0; k < n; k++) {
+        uint8_t *f = frame;
+
+        if (copies[k].flip_bit >= 0) {
+            f = sw->impair_scratch + VU_NET_HDR_MAX;
+            memcpy(f, frame, len);
+            f[ETH_HLEN + (uint32_t)copies[k].flip_bit / 8u] ^= (uint8_t)(1u << (copies[k].flip_bit % 8));
+        }
+        if (copies[k].due_us > sw->now_us) {
+            struct vu_impair_held meta = {
+                .src_qp = src_qp, .hdr_flags = plain.flags, .gso_type = plain.gso_type,
+                .hdr_len = plain.hdr_len, .gso_size = plain.gso_size,
+                .csum_start = plain.csum_start, .csum_offset = plain.csum_offset,
+            };
+            if (vu_impair_hold(im, copies[k].due_us, f, len, &meta) == 0) {
+                if (!sw->impair_next_us || copies[k].due_us < sw->impair_next_us)
+                    sw->impair_next_us = copies[k].due_us;
+                continue;
+            }
+            if (len <= VU_IMPAIR_SLOT - VU_NET_HDR_MAX)
+                continue;                   /* the held queue is full: dropped (counted) */
+        }
+        deliver_now(sw, d, src_qp, f, len, &plain);
+    }
+}
+
+static inline void deliver_one(struct vu_net_switch *sw, struct vu_net_port *d, uint32_t src_qp,
+                               uint8_t *frame, uint32_t len, const struct vnet_hdr *h)
+{
+    if (d->impair)
+        deliver_impaired(sw, d, src_qp, frame, len, h);
+    else
+        deliver_now(sw, d, src_qp, frame, len, h);
+}
+
+static void net_fault(struct vu_net_switch *sw);
+
+/* deliver_now in a guard frame: a fault in d's memory loses that frame. */
+static void deliver_guarded(struct vu_net_switch *sw, struct vu_net_port *d, uint32_t src_qp,
+                            uint8_t *frame, uint32_t len, const struct vnet_hdr *h)
+{
+    struct vu_guard_frame g;
+
+    if (VU_GUARD_BEGIN(g)) {
+        VU_GUARD_END(g);
+        net_fault(sw);
+        return;
+    }
+    deliver_now(sw, d, src_qp, frame, len, h);
+    VU_GUARD_END(g);
+}
+
+/* Deliver the held frames that are due, on every impaired port, within
+ * the call's budget; sets impair_next_us to the next one due (0: none). */
+static uint32_t release_due(struct vu_net_switch *sw)
+{
+    uint32_t np = sw->nports < VU_NET_MAX_PORTS ? sw->nports : VU_NET_MAX_PORTS;
+    uint32_t total = 0;
+    uint64_t next = 0;
+
+    for (uint32_t i = 0; i < np; i++) {
+        struct vu_net_port *d = sw->ports[i];
+        struct vu_net_impair *im = d ? d->impair : NULL;
+        const struct vu_impair_held *e;
+
+        if (!im || !im->nheld)
+            continue;
+        while (budget_left(sw) && (e = vu_impair_due(im, sw->now_us)) != NULL) {
+            struct vnet_hdr h = {
+                .flags = e->hdr_flags, .gso_type = e->gso_type, .hdr_len = e->hdr_len,
+                .gso_size = e->gso_size, .csum_start = e->csum_start, .csum_offset = e->csum_offset,
+            };
+            deliver_guarded(sw, d, e->src_qp, vu_impair_bytes(im, e), e->len, &h);
+            vu_impair_release(im);
+            spend(sw, 1, 0);
+            total++;
+        }
+        if (im->nheld && (!next || im->heap[0].due_us < next))
+            next = im->heap[0].due_us;
+    }
+    sw->impair_next_us = next;
+    if (total)
+        rx_flush(sw);
+    return total;
 }
 
 /* ------------------------------------------------------------ segmentation */
@@ -840,9 +939,12 @@ static void deliver_all(struct vu_net_switch *sw, struct vu_net_port *src, struc
 
     for (uint32_t i = 0; i < ndst; i++) {
         struct vu_net_port *d = dsts[i];
+        /* An impaired port takes frames as a wire carries them: segmented,
+         * with full checksums (impair.h). */
+        uint32_t rx_offloads = d->impair ? 0 : d->rx_offloads;
 
         if (h->gso_type != VU_NET_HDR_GSO_NONE) {
-            if (!(d->rx_offloads & gso_need(h->gso_type))) {
+            if (!(rx_offloads & gso_need(h->gso_type))) {
                 seg[nseg++] = d;
                 continue;
             }
@@ -855,7 +957,7 @@ static void deliver_all(struct vu_net_switch *sw, struct vu_net_port *src, struc
                 d->stats.drops[VU_NET_DROP_TOO_BIG]++;
                 continue;
             }
-            if ((h->flags & VU_NET_HDR_F_NEEDS_CSUM) && !(d->rx_offloads & VU_NET_OFF_CSUM)) {
+            if ((h->flags & VU_NET_HDR_F_NEEDS_CSUM) && !(rx_offloads & VU_NET_OFF_CSUM)) {
                 /* Complete it once, in place: ports that took the partial
                  * frame already have their copy, later ones get it whole. */
                 csum_complete(frame, len, h);
@@ -1108,12 +1210,23 @@ static inline uint64_t now_us(void)
     return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
-/* What every entry point does first: the call's budget and clock. */
+/* What every entry point does first: the call's budget and clock, and the
+ * held frames that are due (the data path releases them whenever it runs;
+ * the switch's timer, vu_net_impair_tick, when nothing else does). */
 static void begin_call(struct vu_net_switch *sw, uint64_t units, uint64_t bytes)
 {
     sw->units_left = units ? (int64_t)units : INT64_MAX;
     sw->bytes_left = bytes && bytes < INT64_MAX ? (int64_t)bytes : INT64_MAX;
-    sw->now_ms = now_us() / 1000u;
+    sw->now_us = now_us();
+    sw->now_ms = sw->now_us / 1000u;
+    if (sw->impair_next_us && sw->impair_next_us <= sw->now_us)
+        release_due(sw);
+}
+
+int vu_net_impair_tick(struct vu_net_switch *sw, uint32_t units)
+{
+    begin_call(sw, units, 0);
+    return (int)release_due(sw);
 }
 
 int vu_net_tx_burst(struct vu_net_switch *sw, uint32_t port, uint32_t qp, uint32_t units, uint64_t bytes)

@@ -61,6 +61,7 @@
 
 #include <stdint.h>
 
+#include "impair.h"
 #include "vring.h"
 
 /* cdef-begin */
@@ -158,6 +159,7 @@ struct vu_net_port {
     uint32_t rx_pending[16];        /* used elements waiting in rx_used */
     struct vu_used_elem rx_used[16][256];
     struct vu_net_stats stats;
+    struct vu_net_impair *impair;   /* impairment of the frames delivered to it (impair.h); NULL: none */
 };
 
 struct vu_net_fdb_entry {
@@ -208,6 +210,9 @@ struct vu_net_switch {
     int64_t bytes_left;
     uint32_t tx_next;               /* the tx chain of the batch being moved (fault recovery) */
     uint32_t reserved2;
+    uint64_t now_us;                /* the clock of the running call (CLOCK_MONOTONIC) */
+    uint64_t impair_next_us;        /* when the next held frame is due (0: none held) */
+    uint8_t *impair_scratch;        /* VU_NET_SCRATCH_SIZE bytes: a corrupted copy */
 };
 
 /* Drain tx ring qp of vhost port `port` within a budget of `units` and
@@ -233,6 +238,10 @@ int vu_net_poll(struct vu_net_switch *sw, uint32_t units, uint32_t spin_us);
  * had sent it (SEND_RARP's announcement).  Returns 0 or VU_NET_ERR_PORT;
  * the counters say what became of the frame. */
 int vu_net_inject(struct vu_net_switch *sw, uint32_t port, const uint8_t *frame, uint32_t len);
+
+/* Deliver the held frames of impaired ports that are due (the switch's
+ * timer: Python calls it at impair_next_us).  Returns frames delivered. */
+int vu_net_impair_tick(struct vu_net_switch *sw, uint32_t units);
 
 /* Forget every MAC address learned on `port` (it went away). */
 void vu_net_fdb_flush_port(struct vu_net_switch *sw, uint32_t port);

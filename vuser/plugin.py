@@ -43,10 +43,12 @@ class Param:
     parse: Callable[[str], Any] = str
     help: str = ""
     optional: bool = False  # may be left out (only at the end of a command's params)
+    variadic: bool = False  # takes every argument left, one or more (only the last param)
 
     @property
     def usage(self) -> str:
-        return f"[{self.name.upper()}]" if self.optional else self.name.upper()
+        name = self.name.upper() + ("..." if self.variadic else "")
+        return f"[{name}]" if self.optional else name
 
 
 @dataclass(frozen=True)
@@ -66,20 +68,29 @@ class Command(Generic[D]):
 
     def __call__(self, devices: Sequence[D], args: Sequence[str]) -> Any:
         required = sum(not p.optional for p in self.params)
-        if not required <= len(args) <= len(self.params):
-            counts = f"{required}" if required == len(self.params) else f"{required} to {len(self.params)}"
+        variadic = bool(self.params) and self.params[-1].variadic
+        most = len(args) if variadic else len(self.params)
+        if not required <= len(args) <= most:
+            counts = (f"{required} or more" if variadic else f"{required}" if required == len(self.params)
+                      else f"{required} to {len(self.params)}")
             raise CommandError(f"{self.name} takes {counts} argument(s): {self.usage}")
-        values = []
-        for p, text in zip(self.params, args):
+        values: list[Any] = []
+        for i, p in enumerate(self.params):
+            texts = args[i:] if p.variadic else args[i:i + 1]
             try:
-                values.append(p.parse(text))
+                parsed = [p.parse(t) for t in texts]
             except (ValueError, DeviceError) as exc:
-                raise CommandError(f"{self.name}: bad {p.name} {text!r}: {exc}") from None
+                raise CommandError(f"{self.name}: bad {p.name} {' '.join(texts)!r}: {exc}") from None
+            if p.variadic:
+                values.append(parsed)
+            elif parsed:
+                values.append(parsed[0])
         return self.run(devices, *values)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "usage": self.usage, "help": self.help,
-                "params": [{"name": p.name, "help": p.help, "optional": p.optional} for p in self.params]}
+                "params": [{"name": p.name, "help": p.help, "optional": p.optional, "variadic": p.variadic}
+                           for p in self.params]}
 
 
 def qemu_escape(value: str) -> str:

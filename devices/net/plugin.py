@@ -9,10 +9,11 @@ import hashlib
 from typing import Any, Sequence
 
 from vuser.device import DeviceError
-from vuser.plugin import BackgroundTask, Command, DevicePlugin
+from vuser.plugin import BackgroundTask, Command, CommandError, DevicePlugin, Param
 
 from .device import DEFAULT_QUEUE_PAIRS, NetDevice
-from .switch import HOLD_DOWN_MS, LEARN_LIMIT, NetSwitch
+from .impair import ImpairError, parse_spec
+from .switch import HOLD_DOWN_MS, LEARN_LIMIT, NetSwitch, SwitchPort
 
 
 def port_mac(name: str) -> bytes:
@@ -27,6 +28,40 @@ def _stats(devices: Sequence[NetDevice]) -> dict[str, Any]:
 
 def _fdb(devices: Sequence[NetDevice]) -> list[dict[str, Any]]:
     return devices[0].switch.fdb()
+
+
+def switch_port(switch: NetSwitch, which: str) -> SwitchPort:
+    """A port by number (``--socket`` order, 0-based; taps after) or by
+    its socket path (or tap name)."""
+    if which.isdigit():
+        if int(which) < len(switch.ports):
+            return switch.ports[int(which)]
+    else:
+        for port in switch.ports:
+            if port.name == which:
+                return port
+    raise ImpairError(f"no port {which!r} (ports: " +
+                      ", ".join(f"{p.index} {p.name}" for p in switch.ports) + ")")
+
+
+def _impair(devices: Sequence[NetDevice], which: str, tokens: list[str]) -> dict[str, Any]:
+    switch = devices[0].switch
+    try:
+        port = switch_port(switch, which)
+        spec = None if tokens == ["clear"] else parse_spec(tokens)
+    except ImpairError as exc:
+        raise CommandError(f"impair: {exc}") from None
+    switch.impair(port, spec)
+    return {"port": port.index, "name": port.name, "impair": None if spec is None else spec.describe()}
+
+
+def impair_option(text: str) -> tuple[str, list[str]]:
+    """``--impair PORT:SPEC``: the port, and the spec's tokens (spaces or
+    further ``--impair`` for the same port separate them)."""
+    which, sep, spec = text.partition(":")
+    if not sep or not spec.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: PORT:SPEC, e.g. 1:loss=5% or '1:delay=100ms jitter=10ms'")
+    return which, spec.split()
 
 
 class NetPlugin(DevicePlugin[NetDevice]):
@@ -53,6 +88,10 @@ class NetPlugin(DevicePlugin[NetDevice]):
                                  "guest (drops the rest: a guest cannot take another's traffic)")
         parser.add_argument("--learn-limit", type=int, default=LEARN_LIMIT, metavar="N",
                             help=f"addresses a port may have in the forwarding table (default {LEARN_LIMIT})")
+        parser.add_argument("--impair", type=impair_option, action="append", default=[], metavar="PORT:SPEC",
+                            help="impair the frames delivered to PORT (0-based in --socket order, or its "
+                                 "socket path), e.g. 1:loss=30%% or '1:delay=100ms jitter=10ms'; "
+                                 "repeatable (see vuser ctl ... impair)")
         parser.add_argument("--hold-down", type=int, default=HOLD_DOWN_MS, metavar="MS",
                             help="a learned address moves to another port only after this long silent "
                                  f"on its own (default {HOLD_DOWN_MS})")
@@ -75,6 +114,14 @@ class NetPlugin(DevicePlugin[NetDevice]):
                 dev.port  # noqa: B018 - ports numbered in socket order
             for tap in args.tap:
                 switch.add_tap(tap)
+            specs: dict[int, list[str]] = {}
+            for which, tokens in args.impair:
+                specs.setdefault(switch_port(switch, which).index, []).extend(tokens)
+            for index, tokens in specs.items():
+                switch.impair(switch.ports[index], parse_spec(tokens))
+        except ImpairError as exc:
+            switch.close()
+            raise DeviceError(f"net: --impair: {exc}") from None
         except BaseException:
             switch.close()
             raise
@@ -112,4 +159,8 @@ class NetPlugin(DevicePlugin[NetDevice]):
 plugin = NetPlugin(NetDevice, commands=(
     Command("stats", "the switch: per-port counters, drops by reason", _stats),
     Command("fdb", "the MAC addresses the switch learned, by port", _fdb),
+    Command("impair", "impair the frames delivered to PORT (netem's loss=, delay=, jitter=, distribution=, "
+                      "duplicate=, corrupt=, reorder=, gap=, rate=, limit=, seed=), or 'clear'", _impair,
+            (Param("port", help="0-based in --socket order (taps after), or a socket path"),
+             Param("spec", help="KEY=VALUE tokens, or clear", variadic=True))),
 ))

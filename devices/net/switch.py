@@ -30,6 +30,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,6 +38,8 @@ import trio
 
 from vuser.fds import open_private_output
 from vuser.virtio import NetGso, NetHdrFlag
+
+from .impair import Impairment, ImpairSpec
 
 try:
     from vuser._native import ffi, lib
@@ -82,6 +85,9 @@ POLL_BUDGET = 65536
 # frame cut into 2048 segments for one port spends all the units.
 BURST_UNITS = 16384
 BURST_BYTES = 16 << 20
+# The impairment timer wakes at most this often (seconds): held frames due
+# within one tick leave together.
+IMPAIR_TICK = 0.001
 # Forwarding-table hygiene: a learned address stays on its port until it
 # has been silent there this long; a port learns at most this many.
 HOLD_DOWN_MS = 1000
@@ -119,6 +125,7 @@ class SwitchPort:
     binding: PortBinding | None = None
     fd: int = -1
     ring_errors_seen: int = 0
+    impairment: Impairment | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def stats(self) -> dict[str, Any]:
@@ -136,6 +143,7 @@ class SwitchPort:
             "moves_held": int(s.moves_held),
             "mac_locked": bytes(self.c.mac).hex(":") if self.c.mac_locked else None,
             "drops": drops, "dropped": sum(drops.values()),
+            **({"impair": self.impairment.status()} if self.impairment is not None else {}),
             **self.extra,
         }
 
@@ -174,9 +182,12 @@ class NetSwitch:
             ffi.new("struct vu_chain[]", lib.VU_NET_BATCH),
             ffi.new("struct vu_seg[]", lib.VU_NET_SEGS),
             ffi.new("struct vu_used_elem[]", lib.VU_NET_BATCH),
+            ffi.new("uint8_t[]", lib.VU_NET_SCRATCH_SIZE),
         ]
         (sw.scratch, sw.seg_scratch, sw.chains, sw.segs, sw.rx_chains, sw.rx_segs,
-         sw.tx_used) = self._keep
+         sw.tx_used, sw.impair_scratch) = self._keep
+        self._impair_wake = trio.Event()
+        self._impair_target = 0
         self._tap_offload = -1
         self.pcap_path = pcap
         self._pcap_fd = -1
@@ -284,6 +295,18 @@ class NetSwitch:
                     log.debug("%s: TUNSETOFFLOAD %#x: %s", port.name, offload, exc)
                 port.extra["offload"] = offload
 
+    def impair(self, port: SwitchPort, spec: ImpairSpec | None) -> None:
+        """Impair the frames delivered to ``port`` (devices/net/impair.py),
+        or stop (None: frames it held are dropped with the old state)."""
+        if spec is None:
+            port.c.impair = ffi.NULL
+            port.impairment = None
+        else:
+            impairment = Impairment(spec)
+            port.c.impair = impairment.c
+            port.impairment = impairment
+        self._impair_wake.set()
+
     def lock_mac(self, port: SwitchPort, mac: bytes | None) -> None:
         """Drop frames from ``port`` whose source is not ``mac`` (None:
         any source)."""
@@ -301,6 +324,8 @@ class NetSwitch:
                 port.binding.after(port.c, result)
         if self._sw.pcap_len:
             self._flush_pcap()
+        if self._sw.impair_next_us and self._sw.impair_next_us != self._impair_target:
+            self._impair_wake.set()  # frames held: the timer goes to the earliest
 
     def tx_burst(self, port: SwitchPort, qp: int, units: int = BURST_UNITS, nbytes: int = BURST_BYTES) -> int:
         """Move the frames waiting on tx queue pair ``qp`` of ``port``
@@ -352,7 +377,27 @@ class NetSwitch:
                     nursery.start_soon(self._serve_fd, port)
             if self.busy_poll:
                 nursery.start_soon(self._busy_poll)
+            nursery.start_soon(self._impair_timer)
             task_status.started()
+
+    async def _impair_timer(self) -> None:
+        """Deliver held frames when due if no other call does it first: one
+        C call per tick (at most one a millisecond), whatever the number of
+        frames it releases.  Sleeps without a deadline when nothing is held."""
+        while True:
+            due = int(self._sw.impair_next_us)
+            self._impair_target = due
+            if due:
+                wait = max(due / 1e6 - time.monotonic(), IMPAIR_TICK)
+                with trio.move_on_after(wait):
+                    await self._impair_wake.wait()
+            else:
+                await self._impair_wake.wait()
+            self._impair_wake = trio.Event()
+            if self._sw.impair_next_us and self._sw.impair_next_us <= time.monotonic() * 1e6:
+                lib.vu_net_impair_tick(self._sw, BURST_UNITS)
+                self.calls += 1
+                self._after(0)
 
     async def _serve_fd(self, port: SwitchPort) -> None:
         """Wait for the fd to be readable, then one call into C reads and

@@ -184,23 +184,36 @@ async def md5(guest: Guest, path: str) -> str:
     return (await guest.check(f"md5sum {path}")).stdout.split()[0]
 
 
+async def nc_listen(receiver: Guest, port: int) -> None:
+    """nc listening on ``port`` in ``receiver``, writing /tmp/rx; /tmp/rx.rc
+    holds its exit status once the sender closed.  busybox nc quits at EOF
+    on its stdin: the listener's stdin is a FIFO opened read-write, which
+    never ends; it quits when the sender closes."""
+    await receiver.check(
+        f"rm -f /tmp/rx /tmp/rx.rc; [ -p /tmp/hold ] || mkfifo /tmp/hold; "
+        f"(nc -l -p {port} <>/tmp/hold >/tmp/rx 2>/tmp/rx.err; echo $? >/tmp/rx.rc) </dev/null >/dev/null 2>&1 & "
+        f"for i in $(seq 50); do netstat -ltn | grep -q ':{port} ' && exit 0; sleep 0.1; done; exit 1")
+
+
+async def nc_received(receiver: Guest, timeout: float = 20) -> None:
+    """Wait until the nc of ``nc_listen`` has finished."""
+    polls = int(timeout / 0.05)
+    await receiver.check(f"for i in $(seq {polls}); do [ -s /tmp/rx.rc ] && exit 0; sleep 0.05; done; exit 1",
+                         timeout=timeout + 5)
+
+
 async def nc_transfer(sender: Guest, receiver: Guest, receiver_ip: str, *, mib: int = TRANSFER_MIB,
                       port: int = 5000) -> tuple[float, str, str]:
     """``mib`` MiB of random data from ``sender`` to ``receiver`` over TCP
     (busybox nc); returns the sender's seconds and both md5 sums."""
     await sender.check(f"dd if=/dev/urandom of=/tmp/tx bs=1M count={mib} 2>/dev/null", timeout=60)
     sent_md5 = await md5(sender, "/tmp/tx")
-    # busybox nc quits at EOF on its stdin: the listener's stdin is a FIFO
-    # opened read-write, which never ends; it quits when the sender closes.
-    await receiver.check(
-        f"rm -f /tmp/rx /tmp/rx.rc; [ -p /tmp/hold ] || mkfifo /tmp/hold; "
-        f"(nc -l -p {port} <>/tmp/hold >/tmp/rx 2>/tmp/rx.err; echo $? >/tmp/rx.rc) </dev/null >/dev/null 2>&1 & "
-        f"for i in $(seq 50); do netstat -ltn | grep -q ':{port} ' && exit 0; sleep 0.1; done; exit 1")
+    await nc_listen(receiver, port)
     r = await sender.check(f"t0=$(cut -d' ' -f1 /proc/uptime); nc {receiver_ip} {port} </tmp/tx; rc=$?; "
                            "t1=$(cut -d' ' -f1 /proc/uptime); echo $rc $t0 $t1", timeout=120)
     rc, t0, t1 = r.stdout.split()
     assert rc == "0", r.stdout
-    await receiver.check("for i in $(seq 100); do [ -s /tmp/rx.rc ] && exit 0; sleep 0.1; done; exit 1", timeout=20)
+    await nc_received(receiver)
     got_md5 = await md5(receiver, "/tmp/rx")
     await sender.check("rm -f /tmp/tx")
     await receiver.check("rm -f /tmp/rx")
@@ -273,10 +286,7 @@ async def host_to_guest_tcp(guest: Guest, addr: str, nbytes: int, *, port: int =
     """Send ``nbytes`` random bytes from the host to nc in the guest;
     the seconds it took.  The guest's md5 must match."""
     data = os.urandom(nbytes)
-    await guest.check(
-        f"rm -f /tmp/rx /tmp/rx.rc; [ -p /tmp/hold ] || mkfifo /tmp/hold; "
-        f"(nc -l -p {port} <>/tmp/hold >/tmp/rx; echo $? >/tmp/rx.rc) </dev/null >/dev/null 2>&1 & "
-        f"for i in $(seq 50); do netstat -ltn | grep -q ':{port} ' && exit 0; sleep 0.1; done; exit 1")
+    await nc_listen(guest, port)
     t0 = time.monotonic()
     with trio.fail_after(60):
         stream = await trio.open_tcp_stream(addr, port)
@@ -285,7 +295,7 @@ async def host_to_guest_tcp(guest: Guest, addr: str, nbytes: int, *, port: int =
             await stream.send_eof()
             assert await stream.receive_some() == b""
     took = time.monotonic() - t0
-    await guest.check("for i in $(seq 100); do [ -s /tmp/rx.rc ] && exit 0; sleep 0.1; done; exit 1", timeout=20)
+    await nc_received(guest)
     assert await md5(guest, "/tmp/rx") == hashlib.md5(data).hexdigest()
     await guest.check("rm -f /tmp/rx")
     return took
