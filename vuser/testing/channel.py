@@ -118,7 +118,7 @@ class CommandChannel:
                 self.broken = "garbled answer"
                 raise self._error(GuestError, f"garbled answer to {command!r}: {exc}") from None
         # The guest runs commands under "timeout -s KILL": 137 at the limit is ours.
-        if result.returncode == 137 and duration >= guest_timeout - 0.5:
+        if result.exit_code == 137 and duration >= guest_timeout - 0.5:
             raise self._error(GuestTimeout, f"guest command killed after {timeout}s: "
                               f"{command!r}\n--- stdout ---\n{tail(result.stdout, 30)}\n"
                               f"--- stderr ---\n{tail(result.stderr, 30)}", result=result)
