@@ -106,9 +106,14 @@ class Switch:
                                        self.dir / "ctl", log)
                 await device.start(nursery)
                 self.device = device
-                if self.tap:
-                    await _host_address(self.tap, f"{self.host_address}/24")
+                await self.address_host()
             return self.device
+
+    async def address_host(self) -> None:
+        """Give the host's side of the tap its address, and bring it up
+        (again after a restarted ``vuser run net`` made a new tap)."""
+        if self.tap:
+            await _host_address(self.tap, f"{self.host_address}/24")
 
     async def stop(self) -> None:
         if self.device is not None:
