@@ -218,7 +218,6 @@ class GuestSession:
         name = self.claimed = lab._claim_name(self.name)
         gdir = lab.workdir / name
         gdir.mkdir()
-        keeper = self.keeper = _Keeper()
         try:
             qemu_key = qemu_info(self.qemu)["key"]
             attached = await self._devices(gdir, name)
@@ -233,6 +232,7 @@ class GuestSession:
                           timeout=self.boot_timeout, smp=self.smp, workdir=gdir, keep_workdir=True,
                           initramfs=initramfs, watch=companions,
                           extra_diagnostics=lambda: lab.diagnostics([d for _, d, _, _ in attached]))
+            keeper = self.keeper = _Keeper()
             lab.nursery.start_soon(keeper.run, kwargs)
             await keeper.ready.wait()
             if keeper.error is not None:
