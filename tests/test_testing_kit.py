@@ -225,3 +225,20 @@ def test_package_names_are_checked_before_apt(tmp_path: Path) -> None:
     with pytest.raises(ProvisionError, match="not Debian package names"):
         package_image(tmp_path, ["iperf3", "-oAPT::Get::foo=1"])
     assert not (tmp_path / "packages").exists()
+
+
+# ------------------------------------------------------------------ the guide
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_guide_examples_are_tests_of_the_example_project() -> None:
+    """Every Python example of the README's "Testing with real guests" is a
+    whole test file of examples/hwprobe, which CI runs."""
+    readme = (ROOT / "README.md").read_text()
+    guide = readme.split("## Testing with real guests", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in guide.split("```python\n")[1:]]
+    tests = {p.read_text() for p in (ROOT / "examples/hwprobe/tests").glob("test_*.py")}
+    assert len(blocks) == 3
+    for block in blocks:
+        assert block in tests, block
