@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import trio
 
-from vuser.testing.child import gone
+from vuser.testing.child import gone, stop_group
 from vuser.testing.errors import DeviceExited, GuestCommandError, GuestExited
 from vuser.testing.lab import Lab
+from vuser.testing.poll import wait_until
 from vuser.testing.process import VuserProcessError
 from vuser.testing.served import ProcessDevice
 
@@ -128,3 +132,42 @@ async def test_guest_that_does_not_boot_names_devices_and_leaves_nothing(vuser_g
     assert "`vuser run rng`" in message and "listening on" in message
     device = session.own[0]
     assert isinstance(device, ProcessDevice) and gone(device.pid)
+
+
+INTERRUPTED = '''
+import pytest
+
+@pytest.mark.trio
+async def test_long(vuser_guest):
+    async with vuser_guest("rng", qemu="7.2") as guest:
+        print("PIDS", guest.pid, guest.device("rng").pid, flush=True)
+        await guest.run("sleep 600", timeout=900)
+'''
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+async def test_interrupted_run_leaves_nothing_running(tmp_path: Path, signum: int) -> None:
+    """Ctrl-C, or a CI job's timeout (SIGTERM), in the middle of a guest
+    command: QEMU and `vuser run` are stopped before pytest ends."""
+    (tmp_path / "test_interrupted.py").write_text(INTERRUPTED)
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as f:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", str(tmp_path)],
+            cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT,
+            # Its log folder, kept since the run was interrupted: in tmp_path.
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+            # A child inherits ignored SIGINT from a background shell: undo it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        line = await wait_until(lambda: next((ln for ln in out.read_text().splitlines()
+                                              if ln.startswith("PIDS")), None), 120, "the guest to boot", 0.2)
+        pids = [int(p) for p in line.split()[1:]]
+        assert not any(gone(p) for p in pids)
+        proc.send_signal(signum)
+        with trio.fail_after(60):
+            await proc.wait()
+        assert all(gone(p) for p in pids), (pids, out.read_text()[-3000:])
+    finally:
+        await stop_group(proc)

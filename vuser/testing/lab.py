@@ -35,7 +35,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -52,7 +54,7 @@ from vuser.testing.provision.packages import package_image
 from vuser.testing.served import SERVE_MODES, DeviceSpec, ServedDevice, as_spec, served_device
 from vuser.testing.switches import DEFAULT_PORTS, Switch
 
-__all__ = ["GuestSession", "Lab", "VuserGuest", "open_lab"]
+__all__ = ["GuestSession", "Lab", "Terminated", "VuserGuest", "open_lab"]
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +297,23 @@ up() {
 """
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while guests ran: raised like Ctrl-C's KeyboardInterrupt,
+    so every guest and device is stopped on the way out."""
+
+
+async def _interrupt_on_sigterm() -> None:
+    """A CI job's timeout sends SIGTERM, which by default ends Python on the
+    spot and leaves QEMU and ``vuser run`` (in sessions of their own)
+    running; while a lab is open it interrupts the run instead.  Only the
+    main thread can receive signals: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for _ in signals:
+            raise Terminated("SIGTERM: stopping the guests")
+
+
 class Lab:
     """One test's guests, switches and work folder (see the module).
     Calling it gives a guest: ``async with lab("rng") as guest``."""
@@ -465,6 +484,7 @@ async def open_lab(*, serve: str = "process", keep: bool | None = None,
         keep = bool(os.environ.get("VUSER_KEEP_GUEST"))
     async with trio.open_nursery() as nursery:
         lab = Lab(nursery, path, serve=serve, keep=keep)
+        nursery.start_soon(_interrupt_on_sigterm)
         try:
             yield lab
         except BaseException:
