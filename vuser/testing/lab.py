@@ -51,7 +51,8 @@ from vuser.testing.manifest import cache_dir, kernel_info, qemu_info
 from vuser.testing.overlay import StrPath, files_archive
 from vuser.testing.provision.cpio import concatenate
 from vuser.testing.provision.packages import package_image
-from vuser.testing.served import SERVE_MODES, DeviceSpec, ServedDevice, as_spec, served_device
+from vuser.testing.options import DEFAULT_SERVE, check_serve
+from vuser.testing.served import DeviceSpec, ServedDevice, as_spec, served_device
 from vuser.testing.switches import DEFAULT_PORTS, Switch
 
 __all__ = ["GuestSession", "Lab", "Terminated", "VuserGuest", "open_lab"]
@@ -141,9 +142,7 @@ class GuestSession:
         self.files = dict(files or {})
         self.packages = list(packages or [])
         self.switch = switch
-        self.serve = serve
-        if serve is not None and serve not in SERVE_MODES:
-            raise ValueError(f"serve={serve!r}, expected one of {SERVE_MODES}")
+        self.serve = None if serve is None else check_serve(serve)
         self.name = name
         self.cmdline, self.smp, self.qemu_args = cmdline, smp, list(qemu_args)
         self.boot_timeout = boot_timeout
@@ -318,13 +317,11 @@ class Lab:
     """One test's guests, switches and work folder (see the module).
     Calling it gives a guest: ``async with lab("rng") as guest``."""
 
-    def __init__(self, nursery: trio.Nursery, workdir: Path, *, serve: str = "process",
+    def __init__(self, nursery: trio.Nursery, workdir: Path, *, serve: str = DEFAULT_SERVE,
                  keep: bool = False) -> None:
-        if serve not in SERVE_MODES:
-            raise ValueError(f"serve={serve!r}, expected one of {SERVE_MODES}")
         self.nursery = nursery
         self.workdir = workdir
-        self.serve = serve
+        self.serve = check_serve(serve)
         self.keep = keep
         self.failed = False
         self.switches: dict[str, Switch] = {}
@@ -470,7 +467,7 @@ class Lab:
 
 
 @asynccontextmanager
-async def open_lab(*, serve: str = "process", keep: bool | None = None,
+async def open_lab(*, serve: str = DEFAULT_SERVE, keep: bool | None = None,
                    workdir: StrPath | None = None, cleanup: bool = True) -> AsyncIterator[Lab]:
     """A :class:`Lab` for the body.  ``serve``: how devices are served
     unless a guest says otherwise.  ``keep``: keep the work folder even

@@ -34,12 +34,13 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Generator
 
 import pytest
 
+from vuser.testing.options import DEFAULT_SERVE, SERVE_MODES
+
 if TYPE_CHECKING:
     from vuser.testing.lab import Lab
 
 __all__ = ["vuser_guest"]
 
-SERVE_MODES = ("process", "in-process")   # checked again, by name, in vuser.testing.served
 _LABS = pytest.StashKey[list["Lab"]]()
 
 
@@ -50,7 +51,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "(vuser run, as in production; the default) or 'in-process'")
     group.addoption("--vuser-keep", action="store_true",
                     help="keep the guest logs of tests that passed too")
-    parser.addini("vuser_serve", "default of --vuser-serve", default="process")
+    parser.addini("vuser_serve", "default of --vuser-serve", default=DEFAULT_SERVE)
 
 
 def pytest_configure(config: pytest.Config) -> None:

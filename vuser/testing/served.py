@@ -35,12 +35,12 @@ from vuser.device import Device
 from vuser.testing.child import read_text
 from vuser.testing.errors import DeviceExited, tail
 from vuser.testing.guest import Companion
+from vuser.testing.options import check_serve
 from vuser.testing.process import VuserProcess
 
-__all__ = ["SERVE_MODES", "DeviceSpec", "InProcessDevice", "ProcessDevice", "ServedDevice",
+__all__ = ["DeviceSpec", "InProcessDevice", "ProcessDevice", "ServedDevice",
            "as_spec", "served_device"]
 
-SERVE_MODES = ("process", "in-process")
 # What the test kit decides for every device, so a spec may not.
 OWNED_OPTIONS = ("--socket", "--control", "--client")
 
@@ -81,8 +81,8 @@ class DeviceSpec:
         owned = [a for a in argv if a.split("=", 1)[0] in OWNED_OPTIONS]
         if owned:
             raise ValueError(f"device {self.spec!r}: {', '.join(owned)} is the test kit's to choose")
-        if self.serve is not None and self.serve not in SERVE_MODES:
-            raise ValueError(f"device {self.spec!r}: serve={self.serve!r}, expected one of {SERVE_MODES}")
+        if self.serve is not None:
+            check_serve(self.serve, f"device {self.spec!r}: serve")
 
 
 def as_spec(device: str | DeviceSpec) -> DeviceSpec:

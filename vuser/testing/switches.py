@@ -24,6 +24,7 @@ from pathlib import Path
 import trio
 
 from vuser.devices.net.plugin import port_mac
+from vuser.testing.options import DEFAULT_SERVE
 from vuser.testing.served import ServedDevice, served_device
 
 __all__ = ["DEFAULT_PORTS", "MAX_SWITCHES", "Switch"]
@@ -43,7 +44,7 @@ class Switch:
     ``vuser run`` arguments, ``"net"`` plus options)."""
 
     def __init__(self, name: str, index: int, workdir: Path, *, ports: int = DEFAULT_PORTS,
-                 tap: bool = False, spec: str = "net", serve: str = "process") -> None:
+                 tap: bool = False, spec: str = "net", serve: str = DEFAULT_SERVE) -> None:
         if not 0 <= index < MAX_SWITCHES:
             raise ValueError(f"at most {MAX_SWITCHES} switches per test")
         if ports < 1:
