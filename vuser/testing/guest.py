@@ -239,7 +239,9 @@ class Guest:
         proc = self._proc
         if proc is None:
             return
-        if graceful and proc.returncode is None:
+        # A broken channel (a command never answered) cannot take the
+        # poweroff request: the guest's server is still busy with it.
+        if graceful and proc.returncode is None and not (self._channel and self._channel.broken):
             try:
                 await self.poweroff(shutdown_timeout)
             except GuestError:
