@@ -114,6 +114,12 @@ class CommandResult:
         return self.stderr_bytes.decode("utf-8", "surrogateescape")
 
     @property
+    def returncode(self) -> int:
+        """:attr:`exit_code` under its earlier name (kept for callers of
+        the tooling from before the ``vuser_guest`` fixture)."""
+        return self.exit_code
+
+    @property
     def ok(self) -> bool:
         return self.exit_code == 0
 

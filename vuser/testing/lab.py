@@ -179,7 +179,7 @@ class GuestSession:
                         else gdir / f"{label.replace('#', '-')}.log")
             stem = gdir / label.replace("#", "-")
             device = served_device(serve, label, spec.argv, [stem.with_suffix(".sock")],
-                                   stem.with_suffix(".ctl"), log_path)
+                                   stem.with_suffix(".ctl"), log_path, env=spec.env)
             self.own.append(device)
             await device.start(self.lab.nursery)
             attached.append((label, device, 0, spec))

@@ -22,10 +22,11 @@ a control socket that does not answer raises :class:`DeviceExited` with it.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import trio
 
@@ -56,7 +57,9 @@ class DeviceSpec:
     ``qemu_opts``: appended to QEMU's ``-device`` value (``",mrg_rxbuf=off"``).
     ``reconnect``: seconds after which QEMU's chardev reconnects to a
     restarted back-end.  ``label``: the name ``guest.device()`` knows it by
-    (default: the device type).
+    (default: the device type).  ``env``: variables added to the
+    environment of its ``vuser run`` process (a process only, not a switch:
+    e.g. a PYTHONPATH where a plugin's distribution lives).
     """
 
     spec: str
@@ -65,6 +68,7 @@ class DeviceSpec:
     qemu_opts: str = ""
     reconnect: int | None = None
     label: str | None = None
+    env: Mapping[str, str] | None = None
 
     @property
     def argv(self) -> list[str]:
@@ -83,6 +87,8 @@ class DeviceSpec:
             raise ValueError(f"device {self.spec!r}: {', '.join(owned)} is the test kit's to choose")
         if self.serve is not None:
             check_serve(self.serve, f"device {self.spec!r}: serve")
+        if self.env is not None and (self.serve == "in-process" or argv[0] == "net"):
+            raise ValueError(f"device {self.spec!r}: env= is for a device's own `vuser run` process")
 
 
 def as_spec(device: str | DeviceSpec) -> DeviceSpec:
@@ -223,8 +229,9 @@ class ProcessDevice(ServedDevice):
 
     serve = "process"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, env: Mapping[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.env = dict(env or {})
         self._process: VuserProcess | None = None
         self._starts = 0
         self._on_purpose = False   # stopped or killed by the test, not by itself
@@ -273,7 +280,7 @@ class ProcessDevice(ServedDevice):
         log_path = self.log_path if self._starts == 0 else self.log_path.with_suffix(f".{self._starts}.log")
         self._starts += 1
         process = VuserProcess(self.kind, self.sockets, control=self.control, args=self.argv[1:],
-                               log_path=log_path)
+                               log_path=log_path, env={**os.environ, **self.env} if self.env else None)
         await process.__aenter__()
         self._process, self._on_purpose = process, False
         self._restarted.set()
@@ -297,7 +304,11 @@ class ProcessDevice(ServedDevice):
 
 
 def served_device(serve: str, label: str, argv: Sequence[str], sockets: Sequence[Path],
-                  control: Path, log_path: Path) -> ServedDevice:
-    """A device served the ``serve`` way ("process" or "in-process")."""
-    cls = {"process": ProcessDevice, "in-process": InProcessDevice}[serve]
-    return cls(label, argv, sockets, control, log_path)
+                  control: Path, log_path: Path, env: Mapping[str, str] | None = None) -> ServedDevice:
+    """A device served the ``serve`` way ("process" or "in-process");
+    ``env`` extends a process's environment."""
+    if serve == "process":
+        return ProcessDevice(label, argv, sockets, control, log_path, env=env)
+    if env:
+        raise ValueError(f"{label}: env= needs serve='process'")
+    return InProcessDevice(label, argv, sockets, control, log_path)
