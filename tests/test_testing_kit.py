@@ -109,27 +109,27 @@ def test_device_spec_checks() -> None:
         as_spec(DeviceSpec("rng", serve="thread"))
 
 
-def test_device_specs_parse_as_vuser_run(tmp_path: Path) -> None:
+async def test_device_specs_parse_as_vuser_run(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--bogus"):
         ProcessDevice("b", ["balloon", "--bogus"], [tmp_path / "b.sock"], tmp_path / "b.ctl", tmp_path / "b.log")
     with pytest.raises(ValueError, match="invalid choice"):
         ProcessDevice("x", ["nosuch"], [tmp_path / "x.sock"], tmp_path / "x.ctl", tmp_path / "x.log")
     rng = ProcessDevice("rng", ["rng"], [tmp_path / "r.sock"], tmp_path / "r.ctl", tmp_path / "r.log")
     assert rng.args.socket == [str(tmp_path / "r.sock")] and rng.args.control == str(tmp_path / "r.ctl")
-    assert rng.qemu_args(0, qemu_version="7.2", chardev_id="vu3") == [
+    assert await rng.qemu_args(0, qemu_version="7.2", chardev_id="vu3") == [
         "-chardev", f"socket,id=vu3,path={tmp_path / 'r.sock'}", "-device", "vhost-user-rng-pci,chardev=vu3"]
-    generic = rng.qemu_args(0, qemu_version="11", chardev_id="vu0", reconnect=1, qemu_opts=",x=y")
+    generic = await rng.qemu_args(0, qemu_version="11", chardev_id="vu0", reconnect=1, qemu_opts=",x=y")
     assert generic[1].endswith(",reconnect-ms=1000") and generic[-1].endswith("config_size=0,x=y"), generic
 
 
-def test_net_qemu_arguments_leave_host_resources_to_the_process(tmp_path: Path) -> None:
+async def test_net_qemu_arguments_leave_host_resources_to_the_process(tmp_path: Path) -> None:
     """A switch served by a process: QEMU's arguments come from devices made
     here without its tap or pcap (which only the process may open)."""
     pcap = tmp_path / "p.pcap"
     socks = [tmp_path / "p0.sock", tmp_path / "p1.sock"]
     net = ProcessDevice("net", ["net", "--queue-pairs", "2", "--pcap", str(pcap), "--tap", "vutnotmade0"],
                         socks, tmp_path / "ctl", tmp_path / "log")
-    args = net.qemu_args(1, qemu_version="7.2", chardev_id="vu1")
+    args = await net.qemu_args(1, qemu_version="7.2", chardev_id="vu1")
     device = args[args.index("-device") + 1]
     assert f"mac={port_mac(str(socks[1])).hex(':')}" in device and "vectors=0" in device and "mq=on" in device
     assert "queues=2" in args[args.index("-netdev") + 1]
@@ -242,3 +242,16 @@ def test_readme_guide_examples_are_tests_of_the_example_project() -> None:
     assert len(blocks) == 3
     for block in blocks:
         assert block in tests, block
+
+
+async def test_qemu_arguments_under_a_device_process_environment(tmp_path: Path) -> None:
+    """With env= the process's environment decides what its options mean:
+    `vuser qemu-args` runs under it (here the environment adds nothing,
+    so the answer must be the one the device objects give)."""
+    plain = ProcessDevice("b", ["balloon", "--without", "REPORTING"], [tmp_path / "b.sock"], tmp_path / "b.ctl",
+                          tmp_path / "b.log")
+    with_env = ProcessDevice("b", ["balloon", "--without", "REPORTING"], [tmp_path / "b.sock"],
+                             tmp_path / "b.ctl", tmp_path / "b.log", env={"VUSER_TEST_MARK": "1"})
+    kw = dict(qemu_version="11", chardev_id="vu2", reconnect=2, qemu_opts=",packed=on")
+    assert await with_env.qemu_args(0, **kw) == await plain.qemu_args(0, **kw)
+    assert "num_vqs=4" in (await plain.qemu_args(0, **kw))[-1]

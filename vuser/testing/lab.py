@@ -224,7 +224,7 @@ class GuestSession:
             attached = await self._devices(gdir, name)
             extra: list[str] = []
             for k, (_, device, port, spec) in enumerate(attached):
-                extra += device.qemu_args(port, qemu_version=qemu_key, chardev_id=f"vu{k}",
+                extra += await device.qemu_args(port, qemu_version=qemu_key, chardev_id=f"vu{k}",
                                           reconnect=spec.reconnect, qemu_opts=spec.qemu_opts)
             companions = [c for c in (d.companion() for _, d, _, _ in attached) if c is not None]
             initramfs = await self._initramfs(gdir)

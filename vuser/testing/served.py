@@ -37,13 +37,14 @@ from vuser.testing.child import read_text
 from vuser.testing.errors import DeviceExited, tail
 from vuser.testing.guest import Companion
 from vuser.testing.options import check_serve
-from vuser.testing.process import VuserProcess
+from vuser.testing.process import START_TIMEOUT, VuserProcess, vuser_command
 
 __all__ = ["DeviceSpec", "InProcessDevice", "ProcessDevice", "ServedDevice",
            "as_spec", "served_device"]
 
 # What the test kit decides for every device, so a spec may not.
 OWNED_OPTIONS = ("--socket", "--control", "--client")
+QEMU_ARGS_TIMEOUT = START_TIMEOUT   # a `vuser qemu-args` starts like a `vuser run`
 
 
 @dataclass(frozen=True)
@@ -144,21 +145,28 @@ class ServedDevice:
         """Device objects to ask for QEMU arguments, and whether to close them."""
         raise NotImplementedError
 
-    def qemu_args(self, port: int, *, qemu_version: str, chardev_id: str,
-                  reconnect: int | None = None, qemu_opts: str = "") -> list[str]:
-        """QEMU's ``-chardev`` and device arguments for socket ``port``."""
+    async def qemu_args(self, port: int, *, qemu_version: str, chardev_id: str,
+                        reconnect: int | None = None, qemu_opts: str = "") -> list[str]:
+        """QEMU's ``-chardev`` and device arguments for socket ``port``
+        (``qemu_opts`` appended to the ``-device`` value)."""
+        args = await self._qemu_args(port, qemu_version, chardev_id, reconnect)
+        if qemu_opts:
+            last = max(i for i, a in enumerate(args) if a == "-device") + 1
+            args[last] += qemu_opts
+        return args
+
+    async def _qemu_args(self, port: int, qemu_version: str, chardev_id: str,
+                         reconnect: int | None) -> list[str]:
+        """What the plugin says, from device objects (``vuser qemu-args``'s
+        own function)."""
         devices, close = self._devices_for_qemu()
         try:
-            args = qemu_args(self.args.plugin, devices[port], str(self.sockets[port]),
+            return qemu_args(self.args.plugin, devices[port], str(self.sockets[port]),
                              qemu_version=qemu_version, memory=None, chardev_id=chardev_id,
                              reconnect=reconnect)
         finally:
             if close:
                 self.args.plugin.close(devices)
-        if qemu_opts:
-            last = max(i for i, a in enumerate(args) if a == "-device") + 1
-            args[last] += qemu_opts
-        return args
 
     # -- diagnostics and life cycle
 
@@ -258,6 +266,23 @@ class ProcessDevice(ServedDevice):
             return create_devices(self.args.plugin, dry, [str(s) for s in self.sockets]), True
         except UserError as exc:
             raise ValueError(f"device {shlex.join(self.argv)!r}: {exc}") from None
+
+    async def _qemu_args(self, port: int, qemu_version: str, chardev_id: str,
+                         reconnect: int | None) -> list[str]:
+        if not self.env:
+            return await super()._qemu_args(port, qemu_version, chardev_id, reconnect)
+        # Options may name what only the process's environment has (a
+        # balloon policy from a distribution on its PYTHONPATH): there,
+        # `vuser qemu-args` answers.
+        argv = [*vuser_command(), "qemu-args", self.kind, "--socket", str(self.sockets[port]), "--no-memory",
+                "--qemu-version", qemu_version, "--chardev-id", chardev_id,
+                *(["--reconnect", str(reconnect)] if reconnect is not None else []), *self.argv[1:]]
+        with trio.fail_after(QEMU_ARGS_TIMEOUT):
+            proc = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False,
+                                          env={**os.environ, **self.env})
+        if proc.returncode != 0:
+            raise ValueError(f"{shlex.join(argv)}: {proc.stderr.decode(errors='replace').strip()}")
+        return shlex.split(proc.stdout.decode())
 
     def _describe(self) -> str:
         return f"{self.name} (pid {self.process.pid}) exited with status {self.process.returncode}"
