@@ -8,13 +8,15 @@ problem, and exit status 2; never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
 import shlex
 import signal
 import sys
-from typing import Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 import trio
 
@@ -22,6 +24,10 @@ from . import registry
 from .device import DeviceError
 from .errors import UsageError
 from .plugin import DevicePlugin, qemu_escape, with_device_property
+from .testing.provision import cli as provision_cli
+
+if TYPE_CHECKING:
+    from .runner import RunnerGroup
 
 log = logging.getLogger("vuser")
 
@@ -77,7 +83,22 @@ def _add_run(sub: Any, parent: Parser, plugins: dict[str, DevicePlugin[Any]]) ->
         p.set_defaults(func=cmd_run, plugin=plugin)
 
 
-async def _serve(plugin: DevicePlugin[Any], devices: list[Any], args: argparse.Namespace) -> None:
+def parse_run(argv: Sequence[str]) -> argparse.Namespace:
+    """``vuser run ARGV`` parsed exactly as the command line does (the
+    plugin in ``.plugin``), for callers that serve devices themselves (the
+    real-guest test kit).  What argparse rejects raises UserError with its
+    message instead of exiting."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
+            return build_parser().parse_args(["run", *argv])
+    except SystemExit:
+        raise UserError(out.getvalue().strip() or f"cannot parse: vuser run {shlex.join(argv)}") from None
+
+
+def runner_group(plugin: DevicePlugin[Any], devices: Sequence[Any], args: argparse.Namespace) -> RunnerGroup:
+    """What ``vuser run`` serves: one runner per ``--socket`` and device,
+    the control socket and the plugin's background work, in one group."""
     from .ringstate import default_path as default_ring_state_path
     from .runner import Runner, RunnerGroup
 
@@ -85,7 +106,11 @@ async def _serve(plugin: DevicePlugin[Any], devices: list[Any], args: argparse.N
     runners = [Runner(dev, path, client=args.client, ring_impl=args.ring, plugin=plugin, peer_uids=sorted(peers),
                       ring_state=None if args.no_ring_state else default_ring_state_path(path))
                for dev, path in zip(devices, args.socket)]
-    group = RunnerGroup(runners, control_path=args.control, background=plugin.background(devices), plugin=plugin)
+    return RunnerGroup(runners, control_path=args.control, background=plugin.background(devices), plugin=plugin)
+
+
+async def _serve(plugin: DevicePlugin[Any], devices: list[Any], args: argparse.Namespace) -> None:
+    group = runner_group(plugin, devices, args)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(group.run)
@@ -97,7 +122,7 @@ async def _serve(plugin: DevicePlugin[Any], devices: list[Any], args: argparse.N
 
 def cmd_run(args: argparse.Namespace) -> int:
     plugin: DevicePlugin[Any] = args.plugin
-    devices = _create(plugin, args, args.socket)
+    devices = create_devices(plugin, args, args.socket)
     try:
         trio.run(_serve, plugin, devices, args)
     except (OSError, BaseExceptionGroup) as exc:
@@ -122,7 +147,9 @@ def _oserror(exc: BaseException) -> OSError | None:
     return None
 
 
-def _create(plugin: DevicePlugin[Any], args: argparse.Namespace, sockets: Sequence[str]) -> list[Any]:
+def create_devices(plugin: DevicePlugin[Any], args: argparse.Namespace, sockets: Sequence[str]) -> list[Any]:
+    """The plugin's devices for ``sockets``; UserError for options that do
+    not fit or host resources it cannot have."""
     try:
         return plugin.create(args, sockets)
     except DeviceError as exc:
@@ -233,7 +260,7 @@ def _add_qemu_args(sub: Any, parent: Parser, plugins: dict[str, DevicePlugin[Any
 
 def cmd_qemu_args(args: argparse.Namespace) -> int:
     plugin: DevicePlugin[Any] = args.plugin
-    devices = _create(plugin, args, [args.socket])
+    devices = create_devices(plugin, args, [args.socket])
     try:
         print(shlex.join(qemu_args(plugin, devices[0], args.socket, qemu_version=args.qemu_version,
                                    memory=None if args.no_memory else args.memory,
@@ -326,9 +353,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ provision
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from .testing.provision import main as provision_main
-
-    return int(provision_main(args.provision_args))
+    return provision_cli.run(args)
 
 
 # ------------------------------------------------------------------ main
@@ -358,9 +383,9 @@ def build_parser() -> Parser:
     plot.add_argument("-o", "--output", required=True, metavar="PNG", help="the picture to write")
     plot.add_argument("--title", help="title above the plot (default: the device and the file name)")
     plot.set_defaults(func=cmd_plot)
-    prov = sub.add_parser("provision", parents=[parent], add_help=False,
+    prov = sub.add_parser("provision", parents=[parent], description=provision_cli.DESCRIPTION,
                           help="install and cache what real-guest tests need (QEMU, kernels, initramfs)")
-    prov.add_argument("provision_args", nargs=argparse.REMAINDER)
+    provision_cli.add_arguments(prov)
     prov.set_defaults(func=cmd_provision)
     return parser
 

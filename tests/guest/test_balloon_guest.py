@@ -1,5 +1,7 @@
 """virtio-balloon served by vuser to real Linux guests through QEMU 11's
-generic vhost-user-test-device-pci (virtio-id 5).
+generic vhost-user-test-device-pci (virtio-id 5), in-process through the
+vuser_guest fixture so the tests can set targets and read the device's own
+counters.
 
 Memory figures are read on both sides: the guest's /proc/meminfo and the
 QEMU process's RssShmem (the guest RAM is a shared memfd, so pages vuser
@@ -8,15 +10,17 @@ releases with MADV_REMOVE leave QEMU's resident set too)."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
 from vuser.devices.balloon import PAGE_SIZE, BalloonDevice
 from vuser.testing.guest import Guest
+from vuser.testing.lab import Lab, VuserGuest
 from vuser.testing.poll import wait_until
 from vuser.testing.qemu import qemu_rss
 
-from vuser_guest import guest_features, served_guest, virtio_dir
+from virtio_sysfs import guest_feature_bits
 
 MiB = 1 << 20
 KERNELS = ["bookworm", "sid"]
@@ -37,6 +41,22 @@ async def meminfo(guest: Guest) -> dict[str, int]:
     return values
 
 
+def balloon_guest(vuser_guest: Lab, spec: str = "", kernel: str = "bookworm") -> Any:
+    """A QEMU 11 guest of 512 MiB with ``balloon SPEC`` served in-process."""
+    return vuser_guest(f"balloon {spec}", qemu="11", kernel=kernel, memory="512M", serve="in-process")
+
+
+def balloon_of(guest: VuserGuest) -> BalloonDevice:
+    device = guest.device("balloon").instances[0]
+    assert isinstance(device, BalloonDevice)
+    return device
+
+
+async def queues(guest: VuserGuest) -> dict[int, dict[str, Any]]:
+    """The balloon's queues by index, as `vuser ctl PATH status` shows them."""
+    return {q["index"]: q for q in (await guest.device("balloon").status())["queues"]}
+
+
 async def touch(guest: Guest, mib: int) -> None:
     """Make guest pages resident in the memfd, then free them in the guest."""
     # /dev/shm is a tmpfs of half the guest's RAM: keep mib below that.
@@ -44,13 +64,12 @@ async def touch(guest: Guest, mib: int) -> None:
                       timeout=120)
 
 
-@pytest.mark.guest
 @pytest.mark.parametrize("kernel", KERNELS)
-async def test_inflate_deflate_releases_host_memory(kernel: str, tmp_path) -> None:
+async def test_inflate_deflate_releases_host_memory(vuser_guest, kernel: str) -> None:
     # Without page reporting, so every byte released is the balloon's own.
-    dev = BalloonDevice(without=["REPORTING"], stats_interval=0)
     target = 128 * MiB
-    async with served_guest(dev, tmp_path, qemu="11", kernel=kernel, memory_mb=512) as (guest, runner):
+    async with balloon_guest(vuser_guest, "--without REPORTING --stats-interval 0", kernel) as guest:
+        dev = balloon_of(guest)
         await touch(guest, 200)
         before_guest = await meminfo(guest)
         before_rss = rss_shmem(guest.pid)
@@ -72,8 +91,8 @@ async def test_inflate_deflate_releases_host_memory(kernel: str, tmp_path) -> No
         # The guest sees the memory gone.
         assert before_guest["MemFree"] - after_guest["MemFree"] >= 0.9 * target
         # The queue layout the Linux driver used: inflate buffers on 0.
-        queues = {q["index"]: q for q in runner.status()["queues"]}
-        assert queues[0]["role"] == "inflateq" and queues[0]["buffers"] > 0
+        q = await queues(guest)
+        assert q[0]["role"] == "inflateq" and q[0]["buffers"] > 0
 
         dev.set_target(0)
         t0 = time.monotonic()
@@ -89,10 +108,9 @@ async def test_inflate_deflate_releases_host_memory(kernel: str, tmp_path) -> No
         await touch(guest, 200)
 
 
-@pytest.mark.guest
-async def test_stats_arrive_with_plausible_values(tmp_path) -> None:
-    dev = BalloonDevice(stats_interval=0.5)
-    async with served_guest(dev, tmp_path, qemu="11", kernel="bookworm", memory_mb=512) as (guest, runner):
+async def test_stats_arrive_with_plausible_values(vuser_guest) -> None:
+    async with balloon_guest(vuser_guest, "--stats-interval 0.5") as guest:
+        dev = balloon_of(guest)
         await wait_until(lambda: dev.stats_updates >= 3, 30, "three stats updates", interval=POLL)
         info = await meminfo(guest)
         stats = dev.status()["stats"]["values"]
@@ -100,15 +118,14 @@ async def test_stats_arrive_with_plausible_values(tmp_path) -> None:
         assert 0 < stats["free-memory"] <= stats["total-memory"]
         assert 0 < stats["available-memory"] <= stats["total-memory"]
         assert dev.stats_time is not None and time.time() - dev.stats_time < 10
-        queues = {q["index"]: q for q in runner.status()["queues"]}
-        assert queues[2]["role"] == "statsq" and queues[2]["buffers"] >= 3
+        q = await queues(guest)
+        assert q[2]["role"] == "statsq" and q[2]["buffers"] >= 3
 
 
-@pytest.mark.guest
-async def test_deflate_on_oom(tmp_path) -> None:
+async def test_deflate_on_oom(vuser_guest) -> None:
     """The guest under memory pressure takes pages back from the balloon."""
-    dev = BalloonDevice(stats_interval=0)
-    async with served_guest(dev, tmp_path, qemu="11", kernel="bookworm", memory_mb=512) as (guest, runner):
+    async with balloon_guest(vuser_guest, "--stats-interval 0") as guest:
+        dev = balloon_of(guest)
         info = await meminfo(guest)
         # Leave the guest about 120 MiB, then ask it for 200 MiB of tmpfs.
         balloon = info["MemTotal"] - 120 * MiB
@@ -120,11 +137,10 @@ async def test_deflate_on_oom(tmp_path) -> None:
         assert dev.pages_deflated_total > 0, dev.status()
 
 
-@pytest.mark.guest
 @pytest.mark.parametrize("kernel", KERNELS)
-async def test_page_reporting_releases_freed_memory(kernel: str, tmp_path) -> None:
-    dev = BalloonDevice(stats_interval=0)
-    async with served_guest(dev, tmp_path, qemu="11", kernel=kernel, memory_mb=512) as (guest, runner):
+async def test_page_reporting_releases_freed_memory(vuser_guest, kernel: str) -> None:
+    async with balloon_guest(vuser_guest, "--stats-interval 0", kernel) as guest:
+        dev = balloon_of(guest)
         await guest.check("dd if=/dev/zero of=/dev/shm/big bs=1M count=200 2>/dev/null", timeout=120)
         resident = rss_shmem(guest.pid)
         # The guest also reports memory that was free since boot: count only
@@ -139,22 +155,22 @@ async def test_page_reporting_releases_freed_memory(kernel: str, tmp_path) -> No
         after = rss_shmem(guest.pid)
         print(f"kernel {kernel}: reported {(dev.bytes_reported - reported_before) >> 20} MiB after the free; "
               f"QEMU RssShmem {resident >> 20} -> {after >> 20} MiB")
-        queues = {q["index"]: q for q in runner.status()["queues"]}
-        assert queues[4]["role"] == "reporting_vq" and queues[4]["buffers"] > 0
+        q = await queues(guest)
+        assert q[4]["role"] == "reporting_vq" and q[4]["buffers"] > 0
 
 
-@pytest.mark.guest
 @pytest.mark.parametrize("without,expected", [
     (["STATS_VQ"], {2: "free_page_vq", 3: "reporting_vq"}),
     (["FREE_PAGE_HINT"], {2: "statsq", 3: "reporting_vq"}),
     (["STATS_VQ", "FREE_PAGE_HINT"], {2: "reporting_vq"}),
 ], ids=["no-stats", "no-hint", "only-reporting"])
-async def test_queue_layout_follows_offered_features(without, expected, tmp_path) -> None:
+async def test_queue_layout_follows_offered_features(vuser_guest, without, expected) -> None:
     """Offered-feature subsets: the indexes vuser derived are the ones the
     Linux driver uses (seed 000): each role's buffers arrive where vuser
     expects them, and nothing arrives anywhere else."""
-    dev = BalloonDevice(without=without, stats_interval=0.5)
-    async with served_guest(dev, tmp_path, qemu="11", kernel="bookworm", memory_mb=512) as (guest, runner):
+    spec = " ".join(f"--without {name}" for name in without) + " --stats-interval 0.5"
+    async with balloon_guest(vuser_guest, spec) as guest:
+        dev = balloon_of(guest)
         layout = dev.queue_layout(None).roles
         assert {i: r for i, r in layout.items() if i >= 2} == expected
         await guest.check("dd if=/dev/zero of=/dev/shm/big bs=1M count=200 2>/dev/null; rm /dev/shm/big",
@@ -164,33 +180,32 @@ async def test_queue_layout_follows_offered_features(without, expected, tmp_path
         await wait_until(lambda: dev.actual * PAGE_SIZE >= 16 * MiB, WAIT, "inflate", interval=POLL)
         if "statsq" in expected.values():
             await wait_until(lambda: dev.stats_updates >= 2, WAIT, "stats", interval=POLL)
-        queues = {q["index"]: q for q in runner.status()["queues"]}
+        status = await guest.device("balloon").status()
+        q = {q["index"]: q for q in status["queues"]}
         for index, role in expected.items():
-            assert queues[index]["role"] == role
+            assert q[index]["role"] == role
         report_index = next(i for i, r in expected.items() if r == "reporting_vq")
-        assert queues[report_index]["buffers"] > 0
-        assert queues[0]["buffers"] > 0
+        assert q[report_index]["buffers"] > 0
+        assert q[0]["buffers"] > 0
         # No buffers on a queue the layout does not have.
-        for index, q in queues.items():
+        for index, queue in q.items():
             if index not in layout:
-                assert q["buffers"] == 0 and not q["running"], q
+                assert queue["buffers"] == 0 and not queue["running"], queue
         # The guest agrees on the features: the removed ones are not there.
-        vdir = await virtio_dir(guest, 5)
-        seen = guest_features((await guest.check(f"cat {vdir}/features")).stdout)
+        seen = await guest_feature_bits(guest, 5)
         for name in without:
             assert not dev.has(name, seen)
-        negotiated = runner.connection.session.negotiated_features
-        offered = dev.offered_bits
-        assert seen & offered == negotiated & offered, (dev.feature_names(seen & offered),
-                                                        dev.feature_names(negotiated & offered))
+        offered = set(status["offered_features"])
+        negotiated = set(status["negotiated_features"])
+        assert set(dev.feature_names(seen)) & offered == negotiated & offered, (
+            dev.feature_names(seen), negotiated)
 
 
-@pytest.mark.guest
-async def test_free_page_hint_cmd_id_readable_and_counted(tmp_path) -> None:
+async def test_free_page_hint_cmd_id_readable_and_counted(vuser_guest) -> None:
     """free_page_hint_cmd_id exists because FREE_PAGE_HINT is offered: the
     guest reads it after a config change and hints free pages."""
-    dev = BalloonDevice(stats_interval=0)
-    async with served_guest(dev, tmp_path, qemu="11", kernel="bookworm", memory_mb=512) as (guest, runner):
+    async with balloon_guest(vuser_guest, "--stats-interval 0") as guest:
+        dev = balloon_of(guest)
         cmd = dev.hint("start")
         await wait_until(lambda: dev.hint_active_id == cmd and dev.hinted_bytes > 0, 60, "free page hints",
                          interval=POLL)

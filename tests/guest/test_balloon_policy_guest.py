@@ -1,6 +1,7 @@
 """Balloon policies with real guests (QEMU 11's generic device, kernels 6.1
-and sid), vuser as a process, driven as a user would: ``vuser run balloon
---policy ...``, ``vuser ctl PATH record``/``policy``.
+and sid), vuser as a process (the vuser_guest fixture's default), driven as
+a user would: ``vuser run balloon --policy ...``, ``vuser ctl PATH
+record``/``policy``.
 
 * ``auto`` under a host-pressure limit (a meminfo file the test writes says
   the host is short) inflates the balloon in steps to its floor; then a
@@ -19,22 +20,20 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, Sequence
 
 import pytest
-import trio
 
 from vuser.testing.distribution import write_distribution
-from vuser.testing.guest import Guest, boot_guest
+from vuser.testing.guest import Guest
+from vuser.testing.lab import GuestSession, Lab
 from vuser.testing.poll import wait_until
 from vuser.testing.pressure import HOG_DIR, hog_command, write_meminfo
-from vuser.testing.process import VuserProcess, vuser_command
 from vuser.testing.qemu import qemu_rss
-
-pytestmark = pytest.mark.guest
+from vuser.testing.served import DeviceSpec, ServedDevice
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -47,21 +46,15 @@ HOG_MIB = 240                         # far more than the guest has at the floor
 WAIT = 180.0                          # seconds for the guest to act under TCG on a loaded machine
 
 
-@asynccontextmanager
-async def balloon_guest(tmp_path: Path, kernel: str, args: Sequence[str],
-                        env: dict[str, str] | None = None) -> AsyncIterator[tuple[Guest, VuserProcess]]:
-    """``vuser run balloon ARGS --control`` and a QEMU 11 guest attached as
-    ``vuser qemu-args balloon ARGS`` says (the options decide the queues)."""
-    sock = tmp_path / "b.sock"
-    qemu = await trio.run_process([*vuser_command(), "qemu-args", "balloon", "--socket", str(sock), "--no-memory",
-                                   *args], capture_stdout=True, env=env)
-    async with VuserProcess("balloon", sock, control=tmp_path / "b.ctl", args=args, env=env,
-                            log_path=tmp_path / "vuser.log") as vp:
-        async with boot_guest("11", kernel, memory_mb=GUEST_MB, extra_args=qemu.stdout.decode().split()) as guest:
-            yield guest, vp
+def balloon_guest(vuser_guest: Lab, kernel: str, args: Sequence[str],
+                  env: dict[str, str] | None = None) -> GuestSession:
+    """``vuser run balloon ARGS`` as a process and a QEMU 11 guest attached
+    as its plugin says (the options decide the queues)."""
+    return vuser_guest(DeviceSpec(shlex.join(["balloon", *args]), env=env), qemu="11", kernel=kernel,
+                       memory=f"{GUEST_MB}M", serve="process")
 
 
-async def status_when(vp: VuserProcess, ok: Any) -> dict[str, Any] | None:
+async def status_when(vp: ServedDevice, ok: Any) -> dict[str, Any] | None:
     status = await vp.status()
     return status if ok(status) else None
 
@@ -70,7 +63,7 @@ class Settled:
     """A predicate: the balloon holds its target and the policy has made no
     decision for ``rounds`` consultations (the status then, else None)."""
 
-    def __init__(self, vp: VuserProcess, rounds: int = 3) -> None:
+    def __init__(self, vp: ServedDevice, rounds: int = 3) -> None:
         self.vp, self.rounds = vp, rounds
         self.decisions, self.since = -1, 0
 
@@ -99,13 +92,14 @@ def rows(path: Path) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("deflate_on_oom", [True, False], ids=["deflate-on-oom", "no-deflate-on-oom"])
 @pytest.mark.parametrize("kernel", ["bookworm", "sid"])
 async def test_auto_inflates_under_host_pressure_and_deflates_before_oom(
-        kernel: str, deflate_on_oom: bool, tmp_path: Path) -> None:
+        vuser_guest: Lab, kernel: str, deflate_on_oom: bool, tmp_path: Path) -> None:
     host = write_meminfo(tmp_path / "meminfo", 8 * GiB, 4 * GiB)      # plenty: nothing moves
     # Without page reporting, so the host memory released is the balloon's own.
     args = ["--policy", f"{AUTO},meminfo={host}", "--without", "REPORTING"]
     args += [] if deflate_on_oom else ["--without", "DEFLATE_ON_OOM"]
     record = tmp_path / "balloon.jsonl"
-    async with balloon_guest(tmp_path, kernel, args) as (guest, vp):
+    async with balloon_guest(vuser_guest, kernel, args) as guest:
+        vp = guest.device("balloon")
         await vp.ctl("record", str(record), "--interval", "0.5")
         await guest.check("dd if=/dev/zero of=/dev/shm/fill bs=1M count=200 2>/dev/null; rm /dev/shm/fill",
                           timeout=120)
@@ -135,7 +129,7 @@ async def test_auto_inflates_under_host_pressure_and_deflates_before_oom(
         print(f"\nkernel {kernel}, DEFLATE_ON_OOM {deflate_on_oom}: inflated to {full['target'] >> 20} MiB in "
               f"{inflate_s:.1f}s, QEMU RssShmem {rss_before >> 20} -> {rss_after >> 20} MiB; hog of "
               f"{HOG_MIB} MiB took {hog_s:.1f}s, balloon now {status['target'] >> 20} MiB")
-        assert hog.returncode == 0 and f"hog: {HOG_MIB} MiB" in hog.stdout, (hog.stdout, hog.stderr)
+        assert hog.exit_code == 0 and f"hog: {HOG_MIB} MiB" in hog.stdout, (hog.stdout, hog.stderr)
         assert after.get("oom_kill", 0) == before.get("oom_kill", 0), "the guest had to OOM-kill"
         assert status["oom_deflated_pages"] == 0, "the guest took pages back by itself (OOM notifier)"
         assert status["target"] <= full["target"] - (HOG_MIB - 80) * MiB
@@ -153,7 +147,7 @@ async def test_auto_inflates_under_host_pressure_and_deflates_before_oom(
     lowest = min(r["stats"].get("available-memory", GiB) for r in recorded if r["stats"])
     print(f"guest available memory at its lowest: {lowest >> 20} MiB; {len(inflates)} inflate and "
           f"{len(deflates)} deflate decisions")
-    assert "balloon policy auto: inflate" in vp.log_text()
+    assert "balloon policy auto: inflate" in vp.log_path.read_text()
 
 
 USER_POLICY = """\
@@ -163,11 +157,12 @@ def share(inputs):
 """
 
 
-async def test_a_user_policy_from_an_entry_point_drives_the_target(tmp_path: Path) -> None:
+async def test_a_user_policy_from_an_entry_point_drives_the_target(vuser_guest: Lab, tmp_path: Path) -> None:
     pkg = write_distribution(tmp_path / "pkg", "sharepolicy", {"sharepolicy": USER_POLICY},
                              {"vuser.balloon_policies": {"share": "sharepolicy:share"}})
-    env = {**os.environ, "PYTHONPATH": str(pkg)}
-    async with balloon_guest(tmp_path, "sid", ["--policy", "share:interval=1"], env=env) as (guest, vp):
+    env = {"PYTHONPATH": ":".join(filter(None, [str(pkg), os.environ.get("PYTHONPATH")]))}
+    async with balloon_guest(vuser_guest, "sid", ["--policy", "share:interval=1"], env=env) as guest:
+        vp = guest.device("balloon")
         quarter = GUEST_MB * MiB // 4
         await wait_until(lambda: status_when(vp, lambda s: s["actual"] == s["target"] == quarter), WAIT,
                          "the balloon at a quarter of RAM", interval=0.5)
@@ -180,5 +175,5 @@ async def test_a_user_policy_from_an_entry_point_drives_the_target(tmp_path: Pat
     # The guest sees the quarter of RAM go; the policy's decisions are logged.
     assert shown["name"] == "share" and shown["last"]["to"] == 2 * quarter
     assert avail_quarter - avail_half >= 0.9 * quarter
-    log = vp.log_text()
+    log = vp.log_path.read_text()
     assert "balloon policy share: inflate 0 -> 128 MiB" in log and "inflate 128 -> 256 MiB" in log

@@ -1,5 +1,6 @@
-"""Real-guest smoke tests: every QEMU x kernel pair boots and the command
-channel returns output and exit status exactly.  Needs scripts/provision."""
+"""Real-guest smoke tests through the vuser_guest fixture: every QEMU x
+kernel pair boots, and the command channel returns output and exit status
+exactly.  Needs `vuser provision`."""
 
 from __future__ import annotations
 
@@ -9,13 +10,7 @@ import pytest
 import trio
 
 from vuser.testing.child import gone
-from vuser.testing.guest import (
-    GuestCommandError,
-    GuestExited,
-    GuestTimeout,
-    boot_guest,
-    kernel_info,
-)
+from vuser.testing.guest import GuestCommandError, GuestExited, GuestTimeout, kernel_info
 
 QEMUS = ("7.2", "11")
 KERNELS = ("bookworm", "sid")
@@ -31,23 +26,21 @@ def printf_script(data: bytes) -> str:
     return "printf '" + "".join(f"\\{b:03o}" for b in data) + "'"
 
 
-@pytest.mark.guest
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("qemu", QEMUS)
-async def test_boot_and_run(qemu: str, kernel: str) -> None:
+async def test_boot_and_run(vuser_guest, qemu: str, kernel: str) -> None:
     expected_release = kernel_info(kernel)["version"]
     t0 = time.monotonic()
-    async with boot_guest(qemu=qemu, kernel=kernel, timeout=120) as guest:
+    async with vuser_guest(qemu=qemu, kernel=kernel) as guest:
         result = await guest.run("uname -r", timeout=30)
         first_command = time.monotonic() - t0
-        assert (result.returncode, result.stdout, result.stderr) == (
-            0, expected_release + "\n", "")
+        assert (result.exit_code, result.stdout, result.stderr) == (0, expected_release + "\n", "")
 
         result = await guest.run("echo out; echo err >&2; exit 3", timeout=30)
-        assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
+        assert (result.exit_code, result.stdout, result.stderr) == (3, "out\n", "err\n")
 
         result = await guest.run(printf_script(PAYLOAD), timeout=30)
-        assert result.returncode == 0
+        assert result.exit_code == 0
         assert result.stdout_bytes == PAYLOAD
         assert result.stderr_bytes == b""
 
@@ -60,7 +53,7 @@ async def test_boot_and_run(qemu: str, kernel: str) -> None:
 
         with pytest.raises(GuestCommandError) as info:
             await guest.check("echo visible; false")
-        assert info.value.result.returncode == 1
+        assert info.value.result.exit_code == 1
         assert "visible" in str(info.value)
 
         await guest.write_file("/run/blob", PAYLOAD)
@@ -73,26 +66,24 @@ async def test_boot_and_run(qemu: str, kernel: str) -> None:
         pid = guest.pid
     assert gone(pid)
     print(f"\nqemu {qemu} kernel {kernel}: boot {guest.boot_seconds:.2f}s, "
-          f"first command answered {first_command:.2f}s after start")
+          f"first command answered {first_command:.2f}s after `async with`")
 
 
-@pytest.mark.guest
-async def test_command_timeout_keeps_channel() -> None:
-    async with boot_guest(qemu="11", kernel="sid") as guest:
-        t0 = time.monotonic()
+async def test_command_timeout_keeps_channel(vuser_guest) -> None:
+    async with vuser_guest(qemu="11", kernel="sid") as guest:
         with pytest.raises(GuestTimeout) as info:
             await guest.run("echo started; sleep 30", timeout=1)
-        assert time.monotonic() - t0 < 10
+        # Killed in the guest at the limit (SIGKILL: 137), its output kept.
         assert info.value.result is not None
+        assert info.value.result.exit_code == 137
         assert info.value.result.stdout == "started\n"
         assert (await guest.run("echo still here")).stdout == "still here\n"
 
 
-@pytest.mark.guest
-async def test_failure_inside_context_has_diagnostics_and_no_orphan() -> None:
+async def test_failure_inside_context_has_diagnostics_and_no_orphan(vuser_guest) -> None:
     pid = None
     with pytest.raises(RuntimeError) as info:
-        async with boot_guest(qemu="7.2", kernel="bookworm") as guest:
+        async with vuser_guest(qemu="7.2", kernel="bookworm") as guest:
             pid = guest.pid
             raise RuntimeError("boom")
     notes = "\n".join(getattr(info.value, "__notes__", []))
@@ -100,11 +91,10 @@ async def test_failure_inside_context_has_diagnostics_and_no_orphan() -> None:
     assert pid is not None and gone(pid)
 
 
-@pytest.mark.guest
-async def test_cancelled_guest_leaves_no_orphan() -> None:
+async def test_cancelled_guest_leaves_no_orphan(vuser_guest) -> None:
     pids = []
     with trio.move_on_after(60) as scope:
-        async with boot_guest(qemu="11", kernel="bookworm") as guest:
+        async with vuser_guest(qemu="11", kernel="bookworm") as guest:
             pids.append(guest.pid)
             scope.cancel()
             await trio.sleep(1)
@@ -112,11 +102,9 @@ async def test_cancelled_guest_leaves_no_orphan() -> None:
     assert pids and gone(pids[0])
 
 
-@pytest.mark.guest
-async def test_bad_qemu_arguments_fail_fast_with_log() -> None:
-    t0 = time.monotonic()
+async def test_bad_qemu_arguments_fail_fast_with_log(vuser_guest) -> None:
+    # QEMU's exit ends the wait at once: GuestExited, not the boot timeout.
     with pytest.raises(GuestExited) as info:
-        async with boot_guest(qemu="11", kernel="sid", extra_args=["-device", "no-such-dev"]):
+        async with vuser_guest(qemu="11", kernel="sid", qemu_args=["-device", "no-such-dev"]):
             pass
-    assert time.monotonic() - t0 < 20
     assert "no-such-dev" in str(info.value)

@@ -1,11 +1,12 @@
 """virtio-net served by vuser to real Linux guests: QEMU 7.2's vhost-user
 netdev (``-netdev vhost-user`` + ``virtio-net-pci``), kernels 6.1
-(bookworm) and sid's.
+(bookworm) and sid's, through the vuser_guest fixture: guests that name the
+same switch are ports of one ``vuser run net``, addressed by the fixture.
 
-- Two guests on two sockets of one switch ping each other and move 8 MiB
+- Two guests on two ports of one switch ping each other and move 8 MiB
   with nc (checksums compared in the guests; the serial command channel is
   far too slow to carry the data).
-- The host reaches a guest through a tap port vuser creates (``--tap``).
+- The host reaches a guest through the switch's tap port (``tap=True``).
 - Legacy drivers (``virtio_pci.force_legacy=1``): one without MRG_RXBUF
   (10-byte header) talks to one with it (12-byte header).
 - MTU 9000: QEMU's ``host_mtu`` gives the guest the MTU and vuser NET_SET_MTU;
@@ -14,10 +15,10 @@ netdev (``-netdev vhost-user`` + ``virtio-net-pci``), kernels 6.1
 - Reconnect: ``vuser run net`` killed and restarted under a QEMU whose
   chardev reconnects; traffic resumes.
 
-Every guest gets ``vectors=0`` on its virtio-net-pci: QEMU 7.2 under TCG
-segfaults at DRIVER_OK without it (design.md).  vuser runs in the test's
-process (one Runner per socket on one switch, as ``vuser run net --socket A
---socket B``), except for the reconnect test, which needs a process to kill.
+The plugin gives every guest's virtio-net-pci ``vectors=0`` on QEMU 7.2:
+under TCG it segfaults at DRIVER_OK without it (design.md).  The switch
+runs in the test's process (``serve="in-process"``: its C ports can be
+read), except for the reconnect test, which needs a process to kill.
 """
 
 from __future__ import annotations
@@ -30,35 +31,26 @@ import re
 import socket
 import struct
 import time
-from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, Iterator
 
 import pytest
 import trio
 
-from vuser.devices.net import NetSwitch
-from vuser.runner import Runner, RunnerGroup
-from vuser.testing.guest import Guest, boot_guest
+from vuser.devices.net import NetDevice
+from vuser.testing.guest import Guest
+from vuser.testing.lab import Lab
 from vuser.testing.poll import wait_until
-from vuser.testing.process import VuserProcess
-
-try:
-    from vuser.devices.net import NetDevice
-except ImportError:  # pragma: no cover - a tree that was never installed
-    from devices.net import NetDevice  # type: ignore[no-redef]
+from vuser.testing.served import DeviceSpec, ProcessDevice, ServedDevice
 
 KERNELS = ["bookworm", "sid"]
 QEMU = "7.2"
-GUEST_MB = 256
+GUEST_MEMORY = "256M"
 TRANSFER_MIB = 8
-MAC = "52:54:00:12:34:{:02x}"
 F_VERSION_1 = 32
 F_RING_PACKED = 34
 SHOWN = ("tx_packets", "tx_gso", "rx_packets", "rx_segments", "rx_csum", "drops")
-
-pytestmark = pytest.mark.guest
 
 
 @pytest.fixture(autouse=True)
@@ -70,87 +62,30 @@ def no_vuser_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     assert not errors, "\n".join(r.getMessage() for r in errors)
 
 
-# ---------------------------------------------------------------- vuser
-
-@dataclass
-class Net:
-    """vuser's net device served in-process: one port per socket, then the taps."""
-
-    switch: NetSwitch
-    devices: list[NetDevice]
-    runners: list[Runner]
-    sockets: list[str]
-
-    def port(self, i: int) -> dict[str, Any]:
-        return self.switch.stats()["ports"][i]
-
-    def status(self, i: int) -> dict[str, Any]:
-        return self.runners[i].status()
-
-
-@asynccontextmanager
-async def vuser_net(tmp_path: Path, ports: int, *, taps: Sequence[str] = (), pcap: str | None = None,
-                    per_port: Sequence[dict[str, Any]] | None = None, **device_kw: Any) -> AsyncIterator[Net]:
-    switch = NetSwitch(pcap=pcap)
-    try:
-        devices = [NetDevice(switch=switch, port_name=f"guest{i}",
-                             **{**device_kw, **(per_port[i] if per_port else {})}) for i in range(ports)]
-        for d in devices:
-            d.port  # noqa: B018 - ports numbered in socket order, taps after
-        for tap in taps:
-            switch.add_tap(tap)
-        sockets = [str(tmp_path / f"net{i}.sock") for i in range(ports)]
-        runners = [Runner(d, s) for d, s in zip(devices, sockets)]
-        group = RunnerGroup(runners, background=[switch.run])
-        async with trio.open_nursery() as nursery:
-            await nursery.start(group.run)
-            try:
-                yield Net(switch, devices, runners, sockets)
-            finally:
-                nursery.cancel_scope.cancel()
-    finally:
-        switch.close()
-
-
 # ---------------------------------------------------------------- guests
 
-def net_args(sock: str, mac: str, *, queues: int = 1, reconnect: int | None = None,
-             device_opts: str = "") -> list[str]:
-    chardev = f"socket,id=c0,path={sock}" + (f",reconnect={reconnect}" if reconnect else "")
-    netdev = "vhost-user,id=n0,chardev=c0" + (f",queues={queues}" if queues > 1 else "")
-    device = f"virtio-net-pci,netdev=n0,vectors=0,mac={mac}" + (",mq=on" if queues > 1 else "") + device_opts
-    return ["-chardev", chardev, "-netdev", netdev, "-device", device]
+def net_guest(vuser_guest: Lab, kernel: str, switch: str, *, qemu_opts: str = "", **kw: Any) -> Any:
+    """A QEMU 7.2 guest with a port on ``switch``."""
+    return vuser_guest(DeviceSpec("net", switch=switch, qemu_opts=qemu_opts), qemu=QEMU, kernel=kernel,
+                       memory=GUEST_MEMORY, **kw)
 
 
-@asynccontextmanager
-async def guests(kernel: str, specs: Sequence[dict[str, Any]]) -> AsyncIterator[list[Guest]]:
-    """Boot one guest per spec (boot_guest keyword arguments) at the same
-    time; all are powered off on the way out."""
-    booted: list[Guest | None] = [None] * len(specs)
-    all_up, done = trio.Event(), trio.Event()
-
-    async def one(i: int) -> None:
-        async with boot_guest(QEMU, kernel, **{"memory_mb": GUEST_MB, **specs[i]}) as g:
-            booted[i] = g
-            if all(booted):
-                all_up.set()
-            await done.wait()
-
-    async with trio.open_nursery() as nursery:
-        for i in range(len(specs)):
-            nursery.start_soon(one, i)
-        await all_up.wait()
-        try:
-            yield [g for g in booted if g is not None]
-        finally:
-            done.set()
+def net_instances(switch: ServedDevice) -> list[NetDevice]:
+    """The switch's ports as device objects (an in-process switch)."""
+    return [d for d in switch.instances if isinstance(d, NetDevice)]
 
 
-async def set_ip(guest: Guest, addr: str, *, dev: str = "eth0") -> None:
-    """Address ``dev`` and wait for its carrier (the config's link status)."""
-    await guest.check(f"ip addr add {addr} dev {dev} && ip link set {dev} up && "
-                      f"for i in $(seq 100); do [ \"$(cat /sys/class/net/{dev}/carrier)\" = 1 ] && exit 0; "
-                      "sleep 0.1; done; exit 1")
+async def port_stats(switch: ServedDevice, port: int) -> dict[str, Any]:
+    """One port's counters (`vuser ctl PATH stats`)."""
+    stats: dict[str, Any] = (await switch.ctl("stats"))["ports"][port]
+    return stats
+
+
+async def port_status(switch: ServedDevice, port: int) -> dict[str, Any]:
+    """One port's part of `vuser ctl PATH status` (all of it for a switch
+    of one port)."""
+    status: dict[str, Any] = await switch.status()
+    return status["sockets"][port] if "sockets" in status else status
 
 
 @dataclass
@@ -221,22 +156,6 @@ async def nc_transfer(sender: Guest, receiver: Guest, receiver_ip: str, *, mib: 
 
 
 # ---------------------------------------------------------------- host side of a tap
-
-def tap_name(tag: str) -> str:
-    return f"vut{tag}{os.getpid() % 10000}"[:15]
-
-
-def tap_subnet(k: int) -> str:
-    """A private /24 for the host side of test k's tap, distinct per test
-    and per pytest process (the first three octets)."""
-    return f"10.{77 + k}.{os.getpid() % 250}"
-
-
-async def host_addr_tap(tap: str, addr: str) -> None:
-    """The host's side of the tap vuser made: an address, and up."""
-    for args in (["addr", "add", addr, "dev", tap], ["link", "set", tap, "up"]):
-        await trio.run_process(["ip", *args], capture_stdout=True, capture_stderr=True)
-
 
 def icmp_checksum(data: bytes) -> int:
     if len(data) % 2:
@@ -322,236 +241,215 @@ def queue_counters(status: dict[str, Any]) -> dict[int, tuple[str, int, int]]:
 # ---------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("kernel", KERNELS)
-async def test_two_guests_ping_and_transfer(kernel: str, tmp_path: Path) -> None:
+async def test_two_guests_ping_and_transfer(vuser_guest: Lab, kernel: str) -> None:
+    lan = vuser_guest.switch("lan", ports=2, serve="in-process")
     with trio.fail_after(120):
-        async with vuser_net(tmp_path, 2) as net:
-            specs = [{"extra_args": net_args(net.sockets[i], MAC.format(i + 1))} for i in range(2)]
-            async with guests(kernel, specs) as (a, b):
-                await set_ip(a, "10.0.0.1/24")
-                await set_ip(b, "10.0.0.2/24")
-                ab = await ping(a, "10.0.0.2")
-                ba = await ping(b, "10.0.0.1")
-                seconds, sent, got = await nc_transfer(a, b, "10.0.0.2")
-                assert sent == got
-                back, sent2, got2 = await nc_transfer(b, a, "10.0.0.1", port=5001)
-                assert sent2 == got2
+        async with vuser_guest.together(net_guest(vuser_guest, kernel, "lan"),
+                                        net_guest(vuser_guest, kernel, "lan")) as (a, b):
+            ab = await ping(a, b.ip)
+            ba = await ping(b, a.ip)
+            seconds, sent, got = await nc_transfer(a, b, b.ip)
+            assert sent == got
+            back, sent2, got2 = await nc_transfer(b, a, a.ip, port=5001)
+            assert sent2 == got2
 
-                # vuser saw it all: each port learned, nothing dropped once
-                # both guests were up, the data in both directions.
-                fdb = {e["mac"]: e["port"] for e in net.switch.fdb()}
-                assert fdb.get(MAC.format(1)) == 0 and fdb.get(MAC.format(2)) == 1, fdb
-                pa, pb = net.port(0), net.port(1)
-                for p in (pa, pb):
-                    assert p["tx_bytes"] > TRANSFER_MIB << 20 and p["rx_bytes"] > TRANSFER_MIB << 20, p
-                    drops = {k: v for k, v in p["drops"].items() if k != "no_buffer"}
-                    assert not drops, p
-                st = net.status(0)
-                assert "VIRTIO_F_VERSION_1" in st["negotiated_features"]
-                q = queue_counters(st)
-                # Every frame port 0 sent was one chain of its tx0 (index 1).
-                assert q[1][0] == "tx0" and q[1][1] >= pa["tx_packets"], (q, pa)
-                print(f"kernel {kernel}: ping a->b avg {ab.avg_ms} ms, b->a avg {ba.avg_ms} ms; "
-                      f"{TRANSFER_MIB} MiB a->b in {seconds:.2f}s ({TRANSFER_MIB / seconds:.1f} MiB/s), "
-                      f"b->a in {back:.2f}s ({TRANSFER_MIB / back:.1f} MiB/s); md5 {sent}; "
-                      f"port 0 {json.dumps({k: pa[k] for k in SHOWN})}")
+            # vuser saw it all: each port learned, nothing dropped once
+            # both guests were up, the data in both directions.
+            switch = a.device("net")
+            fdb = {e["mac"]: e["port"] for e in await switch.ctl("fdb")}
+            assert fdb.get(lan.mac(a.ports["lan"])) == a.ports["lan"], fdb
+            assert fdb.get(lan.mac(b.ports["lan"])) == b.ports["lan"], fdb
+            pa, pb = await port_stats(switch, 0), await port_stats(switch, 1)
+            for p in (pa, pb):
+                assert p["tx_bytes"] > TRANSFER_MIB << 20 and p["rx_bytes"] > TRANSFER_MIB << 20, p
+                drops = {k: v for k, v in p["drops"].items() if k != "no_buffer"}
+                assert not drops, p
+            st = await port_status(switch, 0)
+            assert "VIRTIO_F_VERSION_1" in st["negotiated_features"]
+            q = queue_counters(st)
+            # Every frame port 0 sent was one chain of its tx0 (index 1).
+            assert q[1][0] == "tx0" and q[1][1] >= pa["tx_packets"], (q, pa)
+            print(f"kernel {kernel}: ping a->b avg {ab.avg_ms} ms, b->a avg {ba.avg_ms} ms; "
+                  f"{TRANSFER_MIB} MiB a->b in {seconds:.2f}s ({TRANSFER_MIB / seconds:.1f} MiB/s), "
+                  f"b->a in {back:.2f}s ({TRANSFER_MIB / back:.1f} MiB/s); md5 {sent}; "
+                  f"port 0 {json.dumps({k: pa[k] for k in SHOWN})}")
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-async def test_host_reaches_guest_over_tap(kernel: str, tmp_path: Path) -> None:
-    tap, net24 = tap_name("t"), tap_subnet(0)
+async def test_host_reaches_guest_over_tap(vuser_guest: Lab, kernel: str) -> None:
+    lan = vuser_guest.switch("lan", ports=1, tap=True, serve="in-process")
+    assert lan.tap is not None and lan.host_address is not None
     with trio.fail_after(90):
-        async with vuser_net(tmp_path, 1, taps=[tap]) as net:
-            await host_addr_tap(tap, f"{net24}.1/24")
-            async with guests(kernel, [{"extra_args": net_args(net.sockets[0], MAC.format(1))}]) as (g,):
-                await set_ip(g, f"{net24}.2/24")
-                await ping(g, f"{net24}.1")
-                await host_ping_until(f"{net24}.2", deadline=15, device=tap)
-                rtts = await host_ping(f"{net24}.2", count=5, device=tap)
-                assert len(rtts) == 5, rtts
+        async with net_guest(vuser_guest, kernel, "lan") as g:
+            await ping(g, lan.host_address)
+            await host_ping_until(g.ip, deadline=15, device=lan.tap)
+            rtts = await host_ping(g.ip, count=5, device=lan.tap)
+            assert len(rtts) == 5, rtts
 
-                # TCP from the host into the guest: whatever the tap hands
-                # over (GSO frames, partial checksums) arrives intact.
-                took = await host_to_guest_tcp(g, f"{net24}.2", 4 << 20)
-                tp = net.port(1)
-                assert tp["kind"] == "tap" and tp["interface"] == tap
-                assert tp["tx_bytes"] > 4 << 20, tp
-                print(f"kernel {kernel}: host->guest ping {sum(rtts) / len(rtts):.2f} ms avg; "
-                      f"4 MiB host->guest TCP in {took:.2f}s; tap port {tp}")
-    # vuser closed the tap: the interface is gone with it.
-    r = await trio.run_process(["ip", "link", "show", tap], capture_stdout=True, capture_stderr=True, check=False)
+            # TCP from the host into the guest: whatever the tap hands
+            # over (GSO frames, partial checksums) arrives intact.
+            took = await host_to_guest_tcp(g, g.ip, 4 << 20)
+            tp = await port_stats(g.device("net"), 1)
+            assert tp["kind"] == "tap" and tp["interface"] == lan.tap
+            assert tp["tx_bytes"] > 4 << 20, tp
+            print(f"kernel {kernel}: host->guest ping {sum(rtts) / len(rtts):.2f} ms avg; "
+                  f"4 MiB host->guest TCP in {took:.2f}s; tap port {tp}")
+    # vuser closes the tap with the switch: the interface is gone with it.
+    await lan.stop()
+    r = await trio.run_process(["ip", "link", "show", lan.tap], capture_stdout=True, capture_stderr=True,
+                               check=False)
     assert r.returncode != 0, r.stdout
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-async def test_legacy_drivers(kernel: str, tmp_path: Path) -> None:
+async def test_legacy_drivers(vuser_guest: Lab, kernel: str) -> None:
     """Transitional devices driven by legacy drivers
     (``virtio_pci.force_legacy=1``): VERSION_1 is not negotiated.  Guest a
     also goes without MRG_RXBUF (QEMU's ``mrg_rxbuf=off``), so its header is
     10 bytes; guest b keeps MRG_RXBUF, so its header is 12 bytes with
     num_buffers.  vuser converts between the two."""
-    legacy = ",disable-legacy=off"
+    vuser_guest.switch("lan", ports=2, serve="in-process")
+    legacy, cmdline = ",disable-legacy=off", "virtio_pci.force_legacy=1"
     with trio.fail_after(120):
-        async with vuser_net(tmp_path, 2) as net:
-            specs: list[dict[str, Any]] = [
-                {"extra_args": net_args(net.sockets[0], MAC.format(1), device_opts=legacy + ",mrg_rxbuf=off"),
-                 "kernel_cmdline_extra": "virtio_pci.force_legacy=1"},
-                {"extra_args": net_args(net.sockets[1], MAC.format(2), device_opts=legacy),
-                 "kernel_cmdline_extra": "virtio_pci.force_legacy=1"},
-            ]
-            async with guests(kernel, specs) as (a, b):
-                # The guests really drive them as legacy devices.
-                for g in (a, b):
-                    bits = (await g.check("cat /sys/class/net/eth0/device/features")).stdout.strip()
-                    assert bits[F_VERSION_1] == "0", bits
-                await set_ip(a, "10.0.0.1/24")
-                await set_ip(b, "10.0.0.2/24")
-                await ping(a, "10.0.0.2")
-                await ping(b, "10.0.0.1")
-                seconds, sent, got = await nc_transfer(a, b, "10.0.0.2", mib=4)
-                assert sent == got
-                back, sent, got = await nc_transfer(b, a, "10.0.0.1", mib=4, port=5001)
-                assert sent == got
+        async with vuser_guest.together(
+                net_guest(vuser_guest, kernel, "lan", qemu_opts=legacy + ",mrg_rxbuf=off", cmdline=cmdline),
+                net_guest(vuser_guest, kernel, "lan", qemu_opts=legacy, cmdline=cmdline)) as (a, b):
+            # The guests really drive them as legacy devices.
+            for g in (a, b):
+                bits = (await g.check("cat /sys/class/net/eth0/device/features")).stdout.strip()
+                assert bits[F_VERSION_1] == "0", bits
+            await ping(a, b.ip)
+            await ping(b, a.ip)
+            seconds, sent, got = await nc_transfer(a, b, b.ip, mib=4)
+            assert sent == got
+            back, sent, got = await nc_transfer(b, a, a.ip, mib=4, port=5001)
+            assert sent == got
 
-                sa, sb = net.status(0), net.status(1)
-                for st in (sa, sb):
-                    assert "VIRTIO_F_VERSION_1" not in st["negotiated_features"], st["negotiated_features"]
-                assert "VIRTIO_NET_F_MRG_RXBUF" not in sa["negotiated_features"]
-                assert "VIRTIO_NET_F_MRG_RXBUF" in sb["negotiated_features"]
-                # The header size is not in vuser's status: read the port's C view.
-                hdr = [int(net.switch.ports[i].c.hdr_len) for i in range(2)]
-                assert hdr == [10, 12], hdr
-                for i in range(2):
-                    p = net.port(i)
-                    assert not {k for k in p["drops"] if k != "no_buffer"}, p
-                print(f"kernel {kernel}: legacy guests, header sizes {hdr}; features a {sa['negotiated_features']}; "
-                      f"4 MiB a->b {seconds:.2f}s, b->a {back:.2f}s")
+            switch = a.device("net")
+            sa, sb = await port_status(switch, a.ports["lan"]), await port_status(switch, b.ports["lan"])
+            for st in (sa, sb):
+                assert "VIRTIO_F_VERSION_1" not in st["negotiated_features"], st["negotiated_features"]
+            assert "VIRTIO_NET_F_MRG_RXBUF" not in sa["negotiated_features"]
+            assert "VIRTIO_NET_F_MRG_RXBUF" in sb["negotiated_features"]
+            # The header size is not in vuser's status: read the ports' C view.
+            ports = net_instances(switch)[0].switch.ports
+            hdr = [int(ports[g.ports["lan"]].c.hdr_len) for g in (a, b)]
+            assert hdr == [10, 12], hdr
+            for g in (a, b):
+                p = await port_stats(switch, g.ports["lan"])
+                assert not {k for k in p["drops"] if k != "no_buffer"}, p
+            print(f"kernel {kernel}: legacy guests, header sizes {hdr}; features a {sa['negotiated_features']}; "
+                  f"4 MiB a->b {seconds:.2f}s, b->a {back:.2f}s")
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-async def test_mtu_9000(kernel: str, tmp_path: Path) -> None:
+async def test_mtu_9000(vuser_guest: Lab, kernel: str) -> None:
     """QEMU owns virtio-net's config: ``host_mtu=9000`` offers VIRTIO_NET_F_MTU
     with mtu 9000 to the guest and sends vuser NET_SET_MTU 9000 (vuser's own
     ``--mtu``, here left at 1500, is not what the guest reads)."""
-    pcap = str(tmp_path / "mtu.pcap")
+    pcap = str(vuser_guest.workdir / "mtu.pcap")
+    vuser_guest.switch("lan", ports=2, spec=f"net --pcap {pcap}", serve="in-process")
     with trio.fail_after(120):
-        async with vuser_net(tmp_path, 2, pcap=pcap) as net:
-            assert [d.mtu for d in net.devices] == [1500, 1500]
-            specs = [{"extra_args": net_args(net.sockets[i], MAC.format(i + 1), device_opts=",host_mtu=9000")}
-                     for i in range(2)]
-            async with guests(kernel, specs) as (a, b):
-                for g in (a, b):
-                    assert (await g.check("cat /sys/class/net/eth0/mtu")).stdout.strip() == "9000"
-                # vuser got NET_SET_MTU and accepted it.
-                for i in range(2):
-                    st = net.status(i)
-                    assert st["device_status"]["mtu"] == 9000, st["device_status"]
-                    assert "VIRTIO_NET_F_MTU" in st["negotiated_features"]
-                await set_ip(a, "10.0.0.1/24")
-                await set_ip(b, "10.0.0.2/24")
-                p = await ping(a, "10.0.0.2", size=8000)
-                await ping(b, "10.0.0.1", size=8000)
-                # 8000 bytes of ICMP payload, + 8 + 20 + 14: one 8042-byte
-                # frame per echo, not IP fragments.
-                sizes = [len(f) for f in pcap_frames(pcap)]
-                assert sizes.count(8042) >= 4 * 5, sorted(set(sizes))
-                for i in range(2):
-                    assert "too_big" not in net.port(i)["drops"], net.port(i)
-                seconds, sent, got = await nc_transfer(a, b, "10.0.0.2", mib=4)
-                assert sent == got
-                print(f"kernel {kernel}: guest mtu 9000, vuser mtu {[d.mtu for d in net.devices]}; "
-                      f"ping -s 8000 avg {p.avg_ms} ms; 4 MiB in {seconds:.2f}s; "
-                      f"{sizes.count(8042)} frames of 8042 bytes in the pcap")
+        async with vuser_guest.together(
+                net_guest(vuser_guest, kernel, "lan", qemu_opts=",host_mtu=9000"),
+                net_guest(vuser_guest, kernel, "lan", qemu_opts=",host_mtu=9000")) as (a, b):
+            switch = a.device("net")
+            for g in (a, b):
+                assert (await g.check("cat /sys/class/net/eth0/mtu")).stdout.strip() == "9000"
+            # vuser got NET_SET_MTU and accepted it (each port's own
+            # figures; `status` shows the first port's).
+            for port, device in enumerate(net_instances(switch)):
+                assert device.status()["mtu"] == 9000, device.status()
+                assert "VIRTIO_NET_F_MTU" in (await port_status(switch, port))["negotiated_features"]
+            assert (await switch.status())["device_status"]["mtu"] == 9000
+            p = await ping(a, b.ip, size=8000)
+            await ping(b, a.ip, size=8000)
+            # 8000 bytes of ICMP payload, + 8 + 20 + 14: one 8042-byte
+            # frame per echo, not IP fragments.
+            sizes = [len(f) for f in pcap_frames(pcap)]
+            assert sizes.count(8042) >= 4 * 5, sorted(set(sizes))
+            for port in range(2):
+                assert "too_big" not in (await port_stats(switch, port))["drops"]
+            seconds, sent, got = await nc_transfer(a, b, b.ip, mib=4)
+            assert sent == got
+            print(f"kernel {kernel}: guest mtu 9000, vuser mtu {[d.mtu for d in net_instances(switch)]}; "
+                  f"ping -s 8000 avg {p.avg_ms} ms; 4 MiB in {seconds:.2f}s; "
+                  f"{sizes.count(8042)} frames of 8042 bytes in the pcap")
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-async def test_two_queue_pairs(kernel: str, tmp_path: Path) -> None:
+async def test_two_queue_pairs(vuser_guest: Lab, kernel: str) -> None:
     """queues=2 / mq=on on a 2-vCPU guest (Linux enables min(pairs, CPUs)
     pairs; XPS maps vCPU k to transmit queue k): pings pinned to each vCPU
     leave on tx0 (index 1) and tx1 (index 3)."""
-    tap, net24 = tap_name("q"), tap_subnet(1)
+    lan = vuser_guest.switch("lan", ports=1, tap=True, spec="net --queue-pairs 2", serve="in-process")
     with trio.fail_after(120):
-        async with vuser_net(tmp_path, 1, taps=[tap], queue_pairs=2) as net:
-            await host_addr_tap(tap, f"{net24}.1/24")
-            spec = {"extra_args": net_args(net.sockets[0], MAC.format(1), queues=2), "smp": 2}
-            async with guests(kernel, [spec]) as (g,):
-                queues = (await g.check("ls /sys/class/net/eth0/queues")).stdout.split()
-                assert sorted(queues) == ["rx-0", "rx-1", "tx-0", "tx-1"], queues
-                await set_ip(g, f"{net24}.2/24")
-                await ping(g, f"{net24}.1")
-                before = queue_counters(net.status(0))
-                r = await g.check(f"taskset 1 ping -c 20 -i 0.05 {net24}.1 >/tmp/p0 & "
-                                  f"taskset 2 ping -c 20 -i 0.05 {net24}.1 >/tmp/p1 & wait; cat /tmp/p0 /tmp/p1",
-                                  timeout=30)
-                for text in r.stdout.split("--- ")[1:]:
-                    assert "20 packets received" in text, r.stdout
-                after = queue_counters(net.status(0))
-                assert after[1][0] == "tx0" and after[3][0] == "tx1", after
-                tx0 = after[1][1] - before[1][1]
-                tx1 = after[3][1] - before[3][1]
-                assert tx0 >= 20 and tx1 >= 20, (before, after)
-                st = net.status(0)
-                assert "VIRTIO_NET_F_MQ" in st["negotiated_features"]
-                print(f"kernel {kernel}: tx0 (index 1) +{tx0} buffers, tx1 (index 3) +{tx1}; queues {after}")
+        async with net_guest(vuser_guest, kernel, "lan", smp=2) as g:
+            switch, host = g.device("net"), lan.host_address
+            queues = (await g.check("ls /sys/class/net/eth0/queues")).stdout.split()
+            assert sorted(queues) == ["rx-0", "rx-1", "tx-0", "tx-1"], queues
+            await ping(g, str(host))
+            before = queue_counters(await port_status(switch, 0))
+            r = await g.check(f"taskset 1 ping -c 20 -i 0.05 {host} >/tmp/p0 & "
+                              f"taskset 2 ping -c 20 -i 0.05 {host} >/tmp/p1 & wait; cat /tmp/p0 /tmp/p1",
+                              timeout=30)
+            for text in r.stdout.split("--- ")[1:]:
+                assert "20 packets received" in text, r.stdout
+            st = await port_status(switch, 0)
+            after = queue_counters(st)
+            assert after[1][0] == "tx0" and after[3][0] == "tx1", after
+            tx0 = after[1][1] - before[1][1]
+            tx1 = after[3][1] - before[3][1]
+            assert tx0 >= 20 and tx1 >= 20, (before, after)
+            assert "VIRTIO_NET_F_MQ" in st["negotiated_features"]
+            print(f"kernel {kernel}: tx0 (index 1) +{tx0} buffers, tx1 (index 3) +{tx1}; queues {after}")
 
 
 @pytest.mark.parametrize("ring", ["split", "packed"])
 @pytest.mark.parametrize("kernel", KERNELS)
-async def test_reconnect_after_backend_restart(kernel: str, ring: str, tmp_path: Path) -> None:
+async def test_reconnect_after_backend_restart(vuser_guest: Lab, kernel: str, ring: str) -> None:
     """``vuser run net`` (a process) is killed and started again on the same
     socket; QEMU's chardev reconnects (reconnect=1) and restarts the rings,
     and traffic between the host (tap) and the guest resumes.  Packed rings
     (``packed=on``) resume from vuser's ring state file: QEMU's
     SET_VRING_BASE after a back-end restart is stale (vuser.ringstate)."""
-    tap, net24 = tap_name("r"), tap_subnet(2 if ring == "split" else 3)
-    sock, control = str(tmp_path / "net.sock"), str(tmp_path / "net.ctl")
-    procs: list[VuserProcess] = []
+    lan = vuser_guest.switch("lan", ports=1, tap=True, spec="net", serve="process")
+    opts = ",packed=on" if ring == "packed" else ""
+    with trio.fail_after(120):
+        async with vuser_guest(DeviceSpec("net", switch="lan", reconnect=1, qemu_opts=opts), qemu=QEMU,
+                               kernel=kernel, memory=GUEST_MEMORY) as g:
+            vp = g.device("net")
+            assert isinstance(vp, ProcessDevice) and lan.tap and lan.host_address
+            bits = (await g.check("cat /sys/class/net/eth0/device/features")).stdout.strip()
+            assert bits[F_RING_PACKED] == ("1" if ring == "packed" else "0"), bits
+            await ping(g, lan.host_address)
+            for _ in range(2):  # the rings go round a few laps before the kill
+                await g.check(f"ping -c 150 -i 0.01 -s 1400 {lan.host_address} >/dev/null", timeout=60)
+            assert len(await host_ping(g.ip, count=3, device=lan.tap)) == 3
+            first = await vp.status()
 
-    async def start_vuser(stack: AsyncExitStack) -> VuserProcess:
-        """A ``vuser run net`` that lasts until ``stack`` closes (or it is killed)."""
-        vp = VuserProcess("net", sock, control=control, args=["--tap", tap],
-                          global_args=["--log-level", "DEBUG"],
-                          log_path=tmp_path / f"vuser{len(procs)}.log", start_timeout=15)
-        procs.append(await stack.enter_async_context(vp))
-        await host_addr_tap(tap, f"{net24}.1/24")
-        return vp
-
-    async with AsyncExitStack() as stack:
-        vp = await start_vuser(stack)
-        with trio.fail_after(120):
-            opts = ",packed=on" if ring == "packed" else ""
-            spec = {"extra_args": net_args(sock, MAC.format(1), reconnect=1, device_opts=opts)}
-            async with guests(kernel, [spec]) as (g,):
-                bits = (await g.check("cat /sys/class/net/eth0/device/features")).stdout.strip()
-                assert bits[F_RING_PACKED] == ("1" if ring == "packed" else "0"), bits
-                await set_ip(g, f"{net24}.2/24")
-                await ping(g, f"{net24}.1")
-                for _ in range(2):  # the rings go round a few laps before the kill
-                    await g.check(f"ping -c 150 -i 0.01 -s 1400 {net24}.1 >/dev/null", timeout=60)
-                assert len(await host_ping(f"{net24}.2", count=3, device=tap)) == 3
-                first = await vp.status()
-
-                await vp.kill()
-                os.unlink(control)
-                t_kill = time.monotonic()
-                # QEMU notices and sets the link down: the guest loses its carrier.
-                await g.check("for i in $(seq 100); do [ \"$(cat /sys/class/net/eth0/carrier)\" = 0 ] && exit 0; "
-                              "sleep 0.1; done; exit 1")
-                vp = await start_vuser(stack)
-                took = await host_ping_until(f"{net24}.2", deadline=30, device=tap)
-                resumed = time.monotonic() - t_kill
-                assert (await g.check("cat /sys/class/net/eth0/carrier")).stdout.strip() == "1"
-                await ping(g, f"{net24}.1")
-                # The rings restarted where the guest left them: bulk data
-                # over the restored receive ring arrives intact.
-                await host_to_guest_tcp(g, f"{net24}.2", 2 << 20)
-                second = await vp.status()
-                assert second["connected"] and second["connections"] == 1
-                assert second["negotiated_features"] == first["negotiated_features"]
-                if ring == "packed":
-                    assert "resuming the packed ring" in vp.log_text()
-                print(f"kernel {kernel}, {ring} rings: traffic resumed {resumed:.1f}s after the kill "
-                      f"({took:.1f}s after the restart); ports {second['ports']}")
-        assert await vp.stop() == 0, vp.log_text()[-3000:]
-    for vp in procs:
-        errors = vp.log_problems()
-        assert not errors, f"{vp.log_path.name}: " + "\n".join(errors[:20])
+            await vp.kill()
+            t_kill = time.monotonic()
+            # QEMU notices and sets the link down: the guest loses its carrier.
+            await g.check("for i in $(seq 100); do [ \"$(cat /sys/class/net/eth0/carrier)\" = 0 ] && exit 0; "
+                          "sleep 0.1; done; exit 1")
+            await vp.start()
+            await lan.address_host()
+            took = await host_ping_until(g.ip, deadline=30, device=lan.tap)
+            resumed = time.monotonic() - t_kill
+            assert (await g.check("cat /sys/class/net/eth0/carrier")).stdout.strip() == "1"
+            await ping(g, lan.host_address)
+            # The rings restarted where the guest left them: bulk data
+            # over the restored receive ring arrives intact.
+            await host_to_guest_tcp(g, g.ip, 2 << 20)
+            second = await vp.status()
+            assert second["connected"] and second["connections"] == 1
+            assert second["negotiated_features"] == first["negotiated_features"]
+            logs = [vp.log_path, *sorted(vp.log_path.parent.glob("vuser.*.log"))]
+            if ring == "packed":
+                assert "resuming the packed ring" in logs[-1].read_text()
+            print(f"kernel {kernel}, {ring} rings: traffic resumed {resumed:.1f}s after the kill "
+                  f"({took:.1f}s after the restart); ports {second['ports']}")
+    for path in logs:
+        errors = [line for line in path.read_text().splitlines() if " ERROR " in line or "Traceback" in line]
+        assert not errors, f"{path.name}: " + "\n".join(errors[:20])

@@ -1,4 +1,6 @@
-"""Test machinery for vuser: real Linux guests under QEMU (see guest.py),
+"""Test machinery for vuser: real-guest test sessions (lab.py: guests with
+devices, files, packages and switches, behind the ``vuser_guest`` pytest
+fixture of pytest_plugin.py), real Linux guests under QEMU (guest.py),
 ``vuser run`` as a child process (process.py), one poller (poll.py), the
 provisioning cache (manifest.py) and provisioning itself (provision/).
 
@@ -14,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from vuser.testing.errors import DeviceExited
     from vuser.testing.guest import (
         CommandResult,
         Guest,
@@ -32,14 +35,20 @@ if TYPE_CHECKING:
         qemu_info,
         qemu_rss,
     )
+    from vuser.testing.lab import Lab, VuserGuest, open_lab
     from vuser.testing.poll import PollTimeout, wait_until
     from vuser.testing.process import VuserProcess, VuserProcessError
+    from vuser.testing.served import DeviceSpec, ServedDevice
+    from vuser.testing.switches import Switch
 
 # name -> the module that defines it
 _LAZY = {
     **dict.fromkeys(("CommandResult", "Guest", "boot_guest"), "vuser.testing.guest"),
-    **dict.fromkeys(("GuestCommandError", "GuestError", "GuestExited", "GuestTimeout",
+    **dict.fromkeys(("DeviceExited", "GuestCommandError", "GuestError", "GuestExited", "GuestTimeout",
                      "NotProvisionedError"), "vuser.testing.errors"),
+    **dict.fromkeys(("Lab", "VuserGuest", "open_lab"), "vuser.testing.lab"),
+    **dict.fromkeys(("DeviceSpec", "ServedDevice"), "vuser.testing.served"),
+    "Switch": "vuser.testing.switches",
     **dict.fromkeys(("cache_dir", "kernel_info", "manifest", "manifest_path", "provisioned",
                      "qemu_info"), "vuser.testing.manifest"),
     **dict.fromkeys(("qemu_command", "qemu_rss"), "vuser.testing.qemu"),
@@ -49,13 +58,19 @@ _LAZY = {
 
 __all__ = [
     "CommandResult",
+    "DeviceExited",
+    "DeviceSpec",
     "Guest",
     "GuestCommandError",
     "GuestError",
     "GuestExited",
     "GuestTimeout",
+    "Lab",
     "NotProvisionedError",
     "PollTimeout",
+    "ServedDevice",
+    "Switch",
+    "VuserGuest",
     "VuserProcess",
     "VuserProcessError",
     "boot_guest",
@@ -63,6 +78,7 @@ __all__ = [
     "kernel_info",
     "manifest",
     "manifest_path",
+    "open_lab",
     "provisioned",
     "qemu_command",
     "qemu_info",

@@ -96,15 +96,21 @@ class CommandChannel:
                        f":{_b64(command.encode())} :{_b64(input)}\n")
             t0 = time.monotonic()
             # Grace for QEMU and the serial line: output travels as base64 lines.
-            with trio.move_on_after(guest_timeout + 15 + len(request) / 20000) as scope:
-                await self._stream.send_all(request.encode())
-                while True:
-                    line = await self._guard(self._readline, f"running {command!r}")
-                    if not line.startswith(b"@@vuser-result "):
-                        continue
-                    fields = line.decode("ascii", "replace").split(" ")
-                    if len(fields) == 5 and fields[1] == str(cid):
-                        break
+            try:
+                with trio.move_on_after(guest_timeout + 15 + len(request) / 20000) as scope:
+                    await self._stream.send_all(request.encode())
+                    while True:
+                        line = await self._guard(self._readline, f"running {command!r}")
+                        if not line.startswith(b"@@vuser-result "):
+                            continue
+                        fields = line.decode("ascii", "replace").split(" ")
+                        if len(fields) == 5 and fields[1] == str(cid):
+                            break
+            except BaseException:
+                # Cancelled, or QEMU or a device gone: the command may still
+                # run in the guest, and the server answers nothing else first.
+                self.broken = f"interrupted while waiting for {command!r}"
+                raise
             duration = time.monotonic() - t0
             if scope.cancelled_caught:
                 self.broken = f"no answer to {command!r} within {timeout}s"
@@ -118,7 +124,7 @@ class CommandChannel:
                 self.broken = "garbled answer"
                 raise self._error(GuestError, f"garbled answer to {command!r}: {exc}") from None
         # The guest runs commands under "timeout -s KILL": 137 at the limit is ours.
-        if result.returncode == 137 and duration >= guest_timeout - 0.5:
+        if result.exit_code == 137 and duration >= guest_timeout - 0.5:
             raise self._error(GuestTimeout, f"guest command killed after {timeout}s: "
                               f"{command!r}\n--- stdout ---\n{tail(result.stdout, 30)}\n"
                               f"--- stderr ---\n{tail(result.stderr, 30)}", result=result)

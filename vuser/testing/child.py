@@ -1,11 +1,13 @@
 """Child-process primitives shared by the guest (QEMU) and ``vuser run``
-helpers: race an operation against the child's exit, stop a child's process
+helpers: race an operation against children's exits, stop a child's process
 group with escalating signals, read its log without failing.
 
 Both callers start their child in a session of its own
 (``start_new_session=True``), so the child is its process group's leader:
 signalling the group also reaches anything it started, and a Ctrl-C at the
-terminal reaches only us, who then stop the child in order.
+terminal reaches only us, who then stop the child in order.  (A parent-death
+signal, PR_SET_PDEATHSIG, cannot help: trio forks from a worker thread, and
+the signal fires when that thread ends, not the process.)
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from typing import Awaitable, Callable, Sequence, TypeVar
 
 import trio
 
-__all__ = ["KILL_WAIT", "TERM_THEN_KILL", "TERM_WAIT", "gone", "read_text", "stop_group",
-           "until_exit"]
+__all__ = ["KILL_WAIT", "TERM_THEN_KILL", "TERM_WAIT", "Exit", "gone",
+           "race_exits", "read_text", "stop_group", "until_exit"]
 
 _T = TypeVar("_T")
+# One thing whose end ends an operation: an async "wait until it is gone"
+# and the exception to raise then.
+Exit = tuple[Callable[[], Awaitable[object]], Callable[[], BaseException]]
 
 # SIGTERM first (what Ctrl-C or systemd would do: a clean exit is part of
 # what we test), SIGKILL if that is not honoured in time.
@@ -30,14 +35,15 @@ TERM_THEN_KILL: Sequence[tuple[signal.Signals, float]] = (
     (signal.SIGTERM, TERM_WAIT), (signal.SIGKILL, KILL_WAIT))
 
 
-async def until_exit(proc: trio.Process, fn: Callable[[], Awaitable[_T]],
-                     on_exit: Callable[[], BaseException]) -> _T:
-    """Run ``fn``, but raise ``on_exit()`` as soon as ``proc`` exits first.
+async def race_exits(fn: Callable[[], Awaitable[_T]], exits: Sequence[Exit]) -> _T:
+    """Run ``fn``, but raise the matching ``on_exit()`` as soon as one of
+    ``exits``' waits returns first (a child exited).
 
     Error handling: an exception from ``fn`` propagates unchanged (it is
     re-raised outside the nursery, so it is not wrapped in a group).
     """
     outcome: list[tuple[bool, object]] = []
+    ended: list[Callable[[], BaseException]] = []
 
     async with trio.open_nursery() as nursery:
         async def main() -> None:
@@ -47,20 +53,29 @@ async def until_exit(proc: trio.Process, fn: Callable[[], Awaitable[_T]],
                 outcome.append((False, exc))
             nursery.cancel_scope.cancel()
 
-        async def watch() -> None:
-            await proc.wait()
+        async def watch(wait: Callable[[], Awaitable[object]],
+                        on_exit: Callable[[], BaseException]) -> None:
+            await wait()
             await trio.sleep(0.05)   # let the last bytes of its output arrive
+            ended.append(on_exit)
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(main)
-        nursery.start_soon(watch)
+        for wait, on_exit in exits:
+            nursery.start_soon(watch, wait, on_exit)
     if not outcome:
-        raise on_exit()
+        raise ended[0]()
     ok, value = outcome[0]
     if not ok:
         assert isinstance(value, BaseException)
         raise value
     return value  # type: ignore[return-value]  # fn's own result
+
+
+async def until_exit(proc: trio.Process, fn: Callable[[], Awaitable[_T]],
+                     on_exit: Callable[[], BaseException]) -> _T:
+    """:func:`race_exits` against one child."""
+    return await race_exits(fn, [(proc.wait, on_exit)])
 
 
 async def stop_group(proc: trio.Process,

@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "CommandResult",
+    "DeviceExited",
     "GuestCommandError",
     "GuestError",
     "GuestExited",
@@ -43,6 +44,11 @@ class GuestExited(GuestError):
     """QEMU exited (or closed the command channel) while we waited on it."""
 
 
+class DeviceExited(GuestError):
+    """A ``vuser run`` process serving one of the guest's devices exited
+    while the guest was in use (booting, or running a command)."""
+
+
 class GuestTimeout(GuestError):
     """Boot or a command took longer than allowed."""
 
@@ -52,13 +58,15 @@ class GuestTimeout(GuestError):
 
 
 class GuestCommandError(GuestError):
-    """A command run by :meth:`Guest.check` exited with a non-zero status."""
+    """A command run by :meth:`Guest.check` (or ``run(..., check=True)``)
+    exited with a non-zero status."""
 
-    def __init__(self, result: CommandResult) -> None:
+    def __init__(self, result: CommandResult, diagnostics: str = "") -> None:
         super().__init__(
-            f"guest command exited with {result.returncode}: {result.command!r}\n"
+            f"guest command exited with {result.exit_code}: {result.command!r}\n"
             f"--- stdout ---\n{tail(result.stdout, 60)}\n"
-            f"--- stderr ---\n{tail(result.stderr, 60)}")
+            f"--- stderr ---\n{tail(result.stderr, 60)}"
+            + (f"\n{diagnostics}" if diagnostics else ""))
         self.result = result
 
 
@@ -92,7 +100,7 @@ class CommandResult:
     decoded as UTF-8 with surrogateescape (lossless); ``*_bytes`` are raw."""
 
     command: str
-    returncode: int
+    exit_code: int
     stdout_bytes: bytes
     stderr_bytes: bytes
     duration: float
@@ -106,10 +114,16 @@ class CommandResult:
         return self.stderr_bytes.decode("utf-8", "surrogateescape")
 
     @property
+    def returncode(self) -> int:
+        """:attr:`exit_code` under its earlier name (kept for callers of
+        the tooling from before the ``vuser_guest`` fixture)."""
+        return self.exit_code
+
+    @property
     def ok(self) -> bool:
-        return self.returncode == 0
+        return self.exit_code == 0
 
     def check(self) -> CommandResult:
-        if self.returncode != 0:
+        if self.exit_code != 0:
             raise GuestCommandError(self)
         return self

@@ -2,7 +2,7 @@
 
 ::
 
-    async with boot_guest(qemu="11", kernel="sid", extra_args=[...]) as guest:
+    async with boot_guest(qemu="11", kernel="bookworm", extra_args=[...]) as guest:
         result = await guest.run("uname -r", timeout=30)
         await guest.check("test -e /dev/hwrng")
 
@@ -16,13 +16,19 @@ channel on ttyS1 (:mod:`vuser.testing.channel`), QMP on ``qmp.sock``
 The kernel console (ttyS0) goes to ``console.log`` in the guest's temporary
 directory, QEMU's own stdout/stderr to ``qemu.log``.
 
+This is the engine under :mod:`vuser.testing.lab` (and so under the
+``vuser_guest`` pytest fixture), which adds devices, files, packages and
+switches; tests use that.
+
 Resource handling: QEMU runs in its own session (process group); leaving
 the context powers the guest off through the command channel and waits, then
 kills the process group if it is still there — also when the body raised or
 was cancelled (then without the graceful step).  Error handling: every
 exception leaving the context carries a note with the tail of QEMU's log and
 of the guest console; errors raised by :class:`Guest` methods carry it in
-their message.
+their message.  ``watch`` names companion processes (the guest's device
+back-ends): one of them exiting while the guest boots or runs a command
+raises :class:`DeviceExited` at once.
 """
 
 from __future__ import annotations
@@ -41,17 +47,21 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Sequence, T
 import trio
 
 from vuser.testing.channel import CommandChannel, CommandResult
-from vuser.testing.child import read_text, stop_group, until_exit
-from vuser.testing.errors import (GuestCommandError, GuestError, GuestExited, GuestTimeout,
-                                  NotProvisionedError, diagnosed, is_diagnosed, mark_diagnosed,
-                                  tail)
+from vuser.testing.child import Exit, race_exits, read_text, stop_group
+from vuser.testing.errors import (DeviceExited, GuestCommandError, GuestError, GuestExited,
+                                  GuestTimeout, NotProvisionedError, diagnosed, is_diagnosed,
+                                  mark_diagnosed, tail)
 from vuser.testing.manifest import (HOW_TO_PROVISION, cache_dir, kernel_info, manifest,
                                     manifest_path, provisioned, qemu_info)
 from vuser.testing.qemu import qemu_command, qemu_rss
 from vuser.testing.qmp import QmpClient
 
 __all__ = [
+    "DEFAULT_KERNEL",
+    "DEFAULT_QEMU",
+    "Companion",
     "CommandResult",
+    "DeviceExited",
     "Guest",
     "GuestCommandError",
     "GuestError",
@@ -70,6 +80,14 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+# What a guest boots when not told otherwise (the fixture's defaults too):
+# sid's QEMU has a front-end for every vuser device, bookworm's kernel boots
+# the quickest.
+DEFAULT_QEMU = "11"
+DEFAULT_KERNEL = "bookworm"
+# A process the guest depends on (a device back-end): an async "wait until
+# it exits" and a description of it, status included, for the error.
+Companion = tuple[Callable[[], Awaitable[object]], Callable[[], str]]
 # After a graceful poweroff was tried: TERM, then KILL, to QEMU's group.
 STOP_STEPS = ((signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0))
 
@@ -90,6 +108,13 @@ class Guest:
         self.cmd_socket = workdir / "cmd.sock"
         self.qmp_socket = workdir / "qmp.sock"
         self.boot_seconds: float | None = None
+        # Set by whoever boots the guest (see boot_guest's ``watch`` and
+        # ``extra_diagnostics``).
+        self.companions: list[Companion] = []
+        self.extra_diagnostics: Callable[[], str] | None = None
+        # False: leaving skips the poweroff and stops QEMU at once (a body
+        # that failed does not wait for a guest that may be wedged).
+        self.graceful_stop = True
         self._proc: trio.Process | None = None
         self._channel: CommandChannel | None = None
         self._qmp = QmpClient(self.qmp_socket, diagnostics=self.diagnostics)
@@ -123,22 +148,31 @@ class Guest:
     def diagnostics(self, lines: int = 40) -> str:
         rc = self.returncode
         state = "running" if rc is None else f"exited with {rc}"
-        return (f"[guest qemu={self.qemu_key} kernel={self.kernel_key}, QEMU "
+        text = (f"[guest qemu={self.qemu_key} kernel={self.kernel_key}, QEMU "
                 f"{'pid ' + str(self._proc.pid) if self._proc else 'not started'} {state}, "
                 f"workdir {self.workdir}]\n"
                 f"QEMU command: {shlex.join(self.argv)}\n"
                 f"--- QEMU log (tail) ---\n{tail(self.qemu_log_text(), lines)}\n"
                 f"--- guest console (tail) ---\n{tail(self.console_text(), lines)}")
+        if self.extra_diagnostics is not None:
+            text += "\n" + self.extra_diagnostics()
+        return text
 
     def _error(self, cls: type[GuestError], message: str) -> GuestError:
         return diagnosed(cls, message, self.diagnostics())
 
     async def _until_exit(self, fn: Callable[[], Awaitable[_T]], what: str) -> _T:
-        """Run fn, but raise GuestExited as soon as QEMU exits."""
+        """Run fn, but raise GuestExited as soon as QEMU exits (DeviceExited
+        as soon as a companion does)."""
         proc = self._proc
         assert proc is not None
-        return await until_exit(proc, fn, lambda: self._error(
-            GuestExited, f"QEMU exited with {proc.returncode} while {what}"))
+        exits: list[Exit] = [(proc.wait, lambda: self._error(
+            GuestExited, f"QEMU exited with {proc.returncode} while {what}"))]
+        exits += [(wait, self._companion_exited(describe, what)) for wait, describe in self.companions]
+        return await race_exits(fn, exits)
+
+    def _companion_exited(self, describe: Callable[[], str], what: str) -> Callable[[], GuestError]:
+        return lambda: self._error(DeviceExited, f"{describe()} while {what}")
 
     # -- commands
 
@@ -155,9 +189,9 @@ class Guest:
             input = input.encode()
         result = await self._channel.run(command, timeout=timeout, input=input or b"",
                                          merge_stderr=merge_stderr)
-        if check and result.returncode != 0:
-            err = GuestCommandError(result)
-            err.add_note(self.diagnostics(20))
+        if check and result.exit_code != 0:
+            err = GuestCommandError(result, self.diagnostics(20))
+            mark_diagnosed(err)
             raise err
         return result
 
@@ -205,7 +239,9 @@ class Guest:
         proc = self._proc
         if proc is None:
             return
-        if graceful and proc.returncode is None:
+        # A broken channel (a command never answered) cannot take the
+        # poweroff request: the guest's server is still busy with it.
+        if graceful and proc.returncode is None and not (self._channel and self._channel.broken):
             try:
                 await self.poweroff(shutdown_timeout)
             except GuestError:
@@ -217,12 +253,15 @@ class Guest:
 
 
 @asynccontextmanager
-async def boot_guest(qemu: str = "11", kernel: str = "sid", *, memory_mb: int = 512,
-                     extra_args: Sequence[str] = (), kernel_cmdline_extra: str = "",
-                     timeout: float = 120.0, smp: int = 1,
+async def boot_guest(qemu: str = DEFAULT_QEMU, kernel: str = DEFAULT_KERNEL, *,
+                     memory_mb: int = 512, extra_args: Sequence[str] = (),
+                     kernel_cmdline_extra: str = "", timeout: float = 120.0, smp: int = 1,
                      workdir: str | os.PathLike[str] | None = None,
-                     keep_workdir: bool | None = None,
-                     shutdown_timeout: float = 20.0) -> AsyncIterator[Guest]:
+                     keep_workdir: bool | None = None, shutdown_timeout: float = 20.0,
+                     initramfs: str | os.PathLike[str] | None = None,
+                     watch: Sequence[Companion] = (),
+                     extra_diagnostics: Callable[[], str] | None = None,
+                     guest_type: type[Guest] = Guest) -> AsyncIterator[Guest]:
     """Boot a guest and yield a :class:`Guest` once its command server answers.
 
     ``qemu``: manifest key ("7.2", "11") or alias ("bookworm", "sid").
@@ -231,10 +270,17 @@ async def boot_guest(qemu: str = "11", kernel: str = "sid", *, memory_mb: int = 
     listening before this is entered).  ``timeout`` bounds the boot.
     ``workdir``: directory for sockets and logs (default: a fresh temporary
     directory, removed afterwards unless ``keep_workdir`` or the environment
-    variable VUSER_KEEP_GUEST is set).
+    variable VUSER_KEEP_GUEST is set).  ``initramfs`` replaces the kernel's
+    provisioned image (one with files added, :mod:`vuser.testing.overlay`).
+    ``watch``: companion processes whose exit ends a boot or command with
+    :class:`DeviceExited`; ``extra_diagnostics`` is appended to every
+    error's diagnostics (their logs).  ``guest_type``: a :class:`Guest`
+    subclass to build.
     """
     qinfo = qemu_info(qemu)
     kinfo = kernel_info(kernel)
+    if initramfs is not None:
+        kinfo["initramfs"] = str(initramfs)
     made_dir = workdir is None
     wdir = Path(tempfile.mkdtemp(prefix="vuser-guest-") if workdir is None else workdir)
     wdir.mkdir(parents=True, exist_ok=True)
@@ -247,12 +293,13 @@ async def boot_guest(qemu: str = "11", kernel: str = "sid", *, memory_mb: int = 
                         qmp_socket=str(wdir / "qmp.sock"),
                         kernel_cmdline_extra=kernel_cmdline_extra,
                         extra_args=extra_args, smp=smp)
-    guest = Guest(qemu=qinfo, kernel=kinfo, workdir=wdir, argv=argv)
+    guest = guest_type(qemu=qinfo, kernel=kinfo, workdir=wdir, argv=argv)
+    guest.companions = list(watch)
+    guest.extra_diagnostics = extra_diagnostics
     # Listen before QEMU starts: its chardev connects to us, so nothing the
     # guest says on ttyS1 can be lost before we accept.
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     logf = open(guest.qemu_log, "wb")
-    graceful = True
     try:
         try:
             await listener.bind(str(guest.cmd_socket))
@@ -274,11 +321,11 @@ async def boot_guest(qemu: str = "11", kernel: str = "sid", *, memory_mb: int = 
                                    f"{guest.kernel_version}: {HOW_TO_PROVISION}")
             yield guest
         except BaseException:
-            graceful = False
+            guest.graceful_stop = False
             raise
         finally:
             with trio.CancelScope(shield=True):
-                await guest._stop(graceful, shutdown_timeout)
+                await guest._stop(guest.graceful_stop, shutdown_timeout)
     except BaseException as exc:
         if not is_diagnosed(exc) and not isinstance(
                 exc, (trio.Cancelled, KeyboardInterrupt, GeneratorExit)):

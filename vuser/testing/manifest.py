@@ -42,7 +42,7 @@ __all__ = [
 # Bump when a reader could misread what an older provisioning wrote.
 MANIFEST_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
-HOW_TO_PROVISION = "run scripts/provision (or python3 -m vuser.testing.provision)"
+HOW_TO_PROVISION = "run `vuser provision` (scripts/provision in a source checkout)"
 
 
 def cache_dir() -> Path:

@@ -217,6 +217,11 @@ class VuserProcess:
             raise self._failure(f"was not ready within {self._start_timeout:g}s "
                                 f"(waited for {exc.what})") from None
 
+    async def wait(self) -> int:
+        """Wait until the child exits, for whatever reason; its exit status."""
+        assert self._proc is not None, "not started"
+        return int(await self._proc.wait())
+
     async def stop(self) -> int:
         """SIGTERM, then SIGKILL if it has not exited in time; its exit status.
         The caller judges the status: leaving the context will not."""

@@ -17,7 +17,8 @@ from typing import Protocol
 from vuser.testing.provision.common import ProvisionError, log, run
 
 __all__ = ["Apt", "HOST_PACKAGES", "HostApt", "PrivateApt", "apt_get_update", "candidate",
-           "discover_mirror", "install_host_packages", "upstream_version"]
+           "discover_mirror", "first_depends", "host_codename", "install_host_packages",
+           "upstream_version"]
 
 # dpdk-dev carries dpdk-testpmd (the DPDK tests' vhost-user peer); iproute2
 # is for the demo's and tests' host-side networking.
@@ -135,15 +136,20 @@ def _sources_entries() -> list[SourceEntry]:
     return entries
 
 
-def discover_mirror() -> tuple[str, str | None]:
-    """URI (and signed-by keyring) that serves '<codename> main' of Debian."""
-    codename = "bookworm"
+def host_codename() -> str:
+    """The host's Debian release ("bookworm"), from /etc/os-release."""
     try:
         for line in Path("/etc/os-release").read_text().splitlines():
             if line.startswith("VERSION_CODENAME="):
-                codename = line.split("=", 1)[1].strip().strip('"') or codename
+                return line.split("=", 1)[1].strip().strip('"') or "bookworm"
     except OSError:
         pass
+    return "bookworm"
+
+
+def discover_mirror() -> tuple[str, str | None]:
+    """URI (and signed-by keyring) that serves '<codename> main' of Debian."""
+    codename = host_codename()
     for entry in _sources_entries():
         if codename in entry.suites and "main" in entry.components:
             for uri in entry.uris:
@@ -234,6 +240,29 @@ def candidate(apt: Apt, pkg: str) -> str:
     if not m or m.group(1) == "(none)":
         raise ProvisionError(f"package {pkg} not found")
     return m.group(1)
+
+
+def first_depends(apt: Apt, pkgs: list[str]) -> dict[str, list[str]]:
+    """Each package's Depends and Pre-Depends (of its candidate version),
+    the first alternative of each group only, as apt names them (a virtual
+    package in angle brackets).  One apt-cache call for all of them."""
+    out: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    in_group = False
+    text = apt.apt_cache("depends", "--no-recommends", "--no-suggests", "--no-conflicts",
+                         "--no-breaks", "--no-replaces", "--no-enhances", *pkgs).stdout
+    for line in text.splitlines():
+        if line and not line[0].isspace():
+            current = out.setdefault(line.strip(), [])
+            in_group = False
+            continue
+        m = re.match(r"\s*(\|?)(Pre)?Depends:\s*(\S+)", line)
+        if not m or current is None:
+            continue
+        if not in_group:
+            current.append(m.group(3))
+        in_group = m.group(1) == "|"
+    return out
 
 
 def upstream_version(debver: str) -> str:

@@ -1,7 +1,8 @@
 """Provision what vuser's real-guest tests need, idempotently.
 
-    scripts/provision [--cache DIR] [--refresh] [--quiet]
-    python3 -m vuser.testing.provision [--cache DIR] [--refresh] [--quiet]
+    vuser provision [--cache DIR] [--refresh] [--quiet] [--packages PKG ...]
+    scripts/provision ...                  (a source checkout, before pip install)
+    python3 -m vuser.testing.provision ...
 
 Installs (only if missing) the host packages, fetches QEMU and guest kernels
 from Debian sid / bookworm into a cache outside the work tree, builds one
@@ -9,6 +10,9 @@ busybox initramfs per kernel and writes ``<cache>/manifest.json``, which
 ``vuser.testing.guest`` reads.  The cache is ``$VUSER_CACHE`` or
 ``$HOME/.cache/vuser``.  A warm run does no network access; ``--refresh``
 re-reads sid's package lists and picks up newer QEMU / kernel versions.
+``--packages`` also builds the guest image of those Debian packages (what
+the ``packages=`` of the ``vuser_guest`` fixture boots with), so a test run
+finds it ready.
 
 The Debian mirror is the one the host's apt already uses for debian main
 (found in its sources at run time); sid is fetched from the same URI with a
@@ -20,6 +24,7 @@ Layout of the cache:
     qemu-<version>/bin/qemu-system-x86_64   wrapper (runs root's ld.so)
     kernels/<suite>-<kver>/root/             extracted kernel packages
     kernels/<suite>-<kver>/vmlinuz, initramfs.cpio.gz
+    packages/               Debian packages for guests (see packages.py)
     manifest.json
 """
 
@@ -37,18 +42,24 @@ from vuser.testing.provision.apt import (Apt, HostApt, PrivateApt, apt_get_updat
 from vuser.testing.provision.common import ProvisionError, Timer, log, set_quiet
 from vuser.testing.provision.initramfs import build_initramfs
 from vuser.testing.provision.kernels import provision_kernel
+from vuser.testing.provision.packages import package_image
 from vuser.testing.provision.qemu import provision_host_qemu, provision_sid_qemu
 
-__all__ = ["main"]
+__all__ = ["DESCRIPTION", "add_arguments", "main", "run"]
+
+DESCRIPTION = (__doc__ or "").split("\n\n")[0]
 
 
-def parse_args(argv: list[str] | None, prog: str | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, default=cache_dir())
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``vuser provision`` (and of this module's ``main``)."""
+    parser.add_argument("--cache", type=Path, default=cache_dir(),
+                        help="cache directory (default: $VUSER_CACHE or ~/.cache/vuser)")
     parser.add_argument("--refresh", action="store_true",
-                        help="re-read sid's package lists (newer QEMU / kernel)")
-    parser.add_argument("--quiet", action="store_true")
-    return parser.parse_args(argv)
+                        help="re-read the package lists (newer QEMU, kernels, packages)")
+    parser.add_argument("--quiet", action="store_true", help="only the summary")
+    parser.add_argument("--packages", nargs="+", action="extend", default=[], metavar="PKG",
+                        help="also build the guest image of these Debian packages (packages= of "
+                             "the vuser_guest fixture)")
 
 
 def provision_kernels(cache: Path, sid: PrivateApt, timer: Timer) -> dict[str, dict[str, Any]]:
@@ -106,9 +117,15 @@ def provision(cache: Path, refresh: bool, timer: Timer) -> tuple[Path, dict[str,
 
 
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
-    """``scripts/provision`` / ``python3 -m vuser.testing.provision``: 0 when
-    everything is in place, 1 (with a message on stderr) when a step failed."""
-    args = parse_args(argv, prog)
+    """``scripts/provision`` / ``python3 -m vuser.testing.provision``."""
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Provision as ``args`` say: 0 when everything is in place, 1 (with a
+    message on stderr) when a step failed."""
     set_quiet(args.quiet)
     cache: Path = args.cache.expanduser().absolute()
     cache.mkdir(parents=True, exist_ok=True)
@@ -116,6 +133,9 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     timer = Timer()
     try:
         path, manifest = provision(cache, args.refresh, timer)
+        if args.packages:
+            with timer.step("guest packages"):
+                image = package_image(cache, args.packages, refresh=args.refresh)
     except ProvisionError as exc:
         print(f"provision: error: {exc}", file=sys.stderr)
         return 1
@@ -125,5 +145,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         print(f"  qemu {key:<4} {q['version_string']}  [{q['binary']}]")
     for suite, k in manifest["kernels"].items():
         print(f"  kernel {suite:<8} {k['version']}  [{k['vmlinuz']}]")
+    if args.packages:
+        print(f"  packages {' '.join(args.packages)}: {image.files} files from "
+              f"{len(image.packages)} packages  [{image.path}]")
     print(f"  manifest {path}")
     return 0

@@ -33,12 +33,20 @@ def log(msg: str) -> None:
         print(msg, flush=True)
 
 
+# No step may hang a test run: a download that stalls this long fails.
+RUN_TIMEOUT = 900.0
+
+
 def run(cmd: list[str], *, cwd: Path | None = None, check: bool = True,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        env: dict[str, str] | None = None, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` to completion, output captured; ProvisionError carrying
-    the output's tail if it fails and ``check``."""
-    proc = subprocess.run(cmd, cwd=cwd, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    the output's tail if it fails and ``check``, or takes over ``timeout``
+    seconds (it is killed then)."""
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, text=True, timeout=timeout,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except subprocess.TimeoutExpired as exc:
+        raise ProvisionError(f"command took over {timeout:g}s, killed: {' '.join(exc.cmd)}") from None
     if check and proc.returncode != 0:
         raise ProvisionError(
             f"command failed ({proc.returncode}): {' '.join(cmd)}\n"

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import lzma
 import re
-import stat
 import subprocess
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from vuser.testing.provision.common import ProvisionError, log, run
+import vuser.testing.provision.cpio
+import vuser.testing.provision.elf
+from vuser.testing.provision.cpio import Cpio
+from vuser.testing.provision.elf import modinfo
 from vuser.testing.provision.kernels import find_modules_dir
 
 __all__ = ["Cpio", "build_initramfs", "guest_files", "modinfo"]
@@ -49,33 +51,6 @@ def read_module(path: Path) -> bytes:
         return subprocess.run(["zstd", "-dcq"], input=data, stdout=subprocess.PIPE,
                               check=True).stdout
     return data
-
-
-def modinfo(elf: bytes) -> dict[str, list[str]]:
-    """Key/values of the .modinfo section of an ELF64 little-endian module."""
-    if elf[:4] != b"\x7fELF" or elf[4] != 2:
-        raise ProvisionError("not an ELF64 module")
-    shoff = int.from_bytes(elf[0x28:0x30], "little")
-    shentsize = int.from_bytes(elf[0x3A:0x3C], "little")
-    shnum = int.from_bytes(elf[0x3C:0x3E], "little")
-    shstrndx = int.from_bytes(elf[0x3E:0x40], "little")
-
-    def section(i: int) -> tuple[int, int, int]:
-        h = elf[shoff + i * shentsize: shoff + (i + 1) * shentsize]
-        return (int.from_bytes(h[0:4], "little"), int.from_bytes(h[24:32], "little"),
-                int.from_bytes(h[32:40], "little"))
-
-    _, stroff, _ = section(shstrndx)
-    info: dict[str, list[str]] = {}
-    for i in range(shnum):
-        name_off, off, size = section(i)
-        name = elf[stroff + name_off: elf.index(b"\0", stroff + name_off)]
-        if name == b".modinfo":
-            for item in elf[off:off + size].split(b"\0"):
-                if b"=" in item:
-                    k, v = item.decode(errors="replace").split("=", 1)
-                    info.setdefault(k, []).append(v)
-    return info
 
 
 def norm(name: str) -> str:
@@ -145,41 +120,6 @@ def resolve_modules(kdir: Path, wanted: list[str]) -> ModuleSet:
 # --------------------------------------------------------------------------
 # the image
 
-class Cpio:
-    """Minimal writer of the 'newc' cpio format the kernel unpacks."""
-
-    def __init__(self) -> None:
-        self.buf = io.BytesIO()
-        self.ino = 1
-
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
-        bname = name.encode() + b"\0"
-        fields = [self.ino, mode, 0, 0, 2 if stat.S_ISDIR(mode) else 1, 0, len(data),
-                  0, 0, rdev[0], rdev[1], len(bname), 0]
-        self.ino += 1
-        self.buf.write(b"070701" + b"".join(b"%08X" % f for f in fields) + bname)
-        self.buf.write(b"\0" * (-(110 + len(bname)) % 4))
-        self.buf.write(data)
-        self.buf.write(b"\0" * (-len(data) % 4))
-
-    def dir(self, name: str) -> None:
-        self._entry(name, stat.S_IFDIR | 0o755)
-
-    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
-        self._entry(name, stat.S_IFREG | mode, data)
-
-    def symlink(self, name: str, target: str) -> None:
-        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
-
-    def chardev(self, name: str, major: int, minor: int) -> None:
-        self._entry(name, stat.S_IFCHR | 0o600, rdev=(major, minor))
-
-    def finish(self) -> bytes:
-        self._entry("TRAILER!!!", 0)
-        self.buf.write(b"\0" * (-self.buf.tell() % 512))
-        return self.buf.getvalue()
-
-
 def guest_inputs_hash(kdir: Path) -> str:
     h = hashlib.sha256()
     for item in sorted(guest_files().iterdir(), key=lambda t: t.name):
@@ -187,7 +127,9 @@ def guest_inputs_hash(kdir: Path) -> str:
             h.update(item.name.encode() + b"\0" + item.read_bytes())
     h.update(Path(HOST_BUSYBOX).read_bytes())
     h.update((kdir / ".complete").read_bytes())
-    h.update(Path(__file__).read_bytes())
+    builders = (__file__, vuser.testing.provision.cpio.__file__, vuser.testing.provision.elf.__file__)
+    for module in builders:   # how the image is built
+        h.update(Path(module).read_bytes())
     return h.hexdigest()[:16]
 
 

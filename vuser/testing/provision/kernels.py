@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from vuser.testing.provision.apt import Apt, candidate
+from vuser.testing.provision.apt import Apt, candidate, first_depends
 from vuser.testing.provision.common import ProvisionError, log, run
 
 __all__ = ["find_modules_dir", "provision_kernel"]
@@ -33,17 +33,7 @@ def kernel_packages(apt: Apt, meta: str) -> list[str]:
         seen.add(pkg)
         if pkg != meta:
             result.append(pkg)
-        out = apt.apt_cache("depends", "--no-recommends", "--no-suggests", "--no-conflicts",
-                            "--no-breaks", "--no-replaces", "--no-enhances", pkg).stdout
-        in_group = False
-        for line in out.splitlines()[1:]:
-            m = re.match(r"\s*(\|?)(Pre)?Depends:\s*(\S+)", line)
-            if not m:
-                continue
-            alt, name = m.group(1) == "|", m.group(3)
-            if not in_group and want.match(name):
-                todo.append(name)
-            in_group = alt
+        todo += [name for name in first_depends(apt, [pkg]).get(pkg, []) if want.match(name)]
     if not result:
         raise ProvisionError(f"{meta} pulls in no versioned linux-* package")
     return sorted(result)
