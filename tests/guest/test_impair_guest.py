@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import pytest
 import trio
 
-from test_net_guest import MAC, guests, md5, nc_listen, nc_received, net_args, parse_ping, ping, set_ip, vuser_net
-from vuser.devices.net.impair import parse_spec
+from test_net_guest import md5, nc_listen, nc_received, net_guest, parse_ping, ping
 from vuser.testing.guest import Guest
+from vuser.testing.lab import Lab
 
 pytestmark = pytest.mark.guest
 
@@ -51,49 +50,52 @@ async def tcp_seconds(sender: Guest, receiver: Guest, ip: str, mib: int, port: i
     return took, sent, got
 
 
-async def test_impairments_seen_by_guests(tmp_path: Path) -> None:
+async def test_impairments_seen_by_guests(vuser_guest: Lab) -> None:
+    vuser_guest.switch("lan", ports=2)
     with trio.fail_after(600):
-        async with vuser_net(tmp_path, 2) as net:
-            specs = [{"extra_args": net_args(net.sockets[i], MAC.format(i + 1))} for i in range(2)]
-            async with guests("bookworm", specs) as (a, b):
-                await set_ip(a, "10.0.0.1/24")
-                await set_ip(b, "10.0.0.2/24")
-                base = await ping(a, "10.0.0.2", count=10)
-                assert base.avg_ms is not None
-                port_b = net.switch.ports[1]
+        async with vuser_guest.together(net_guest(vuser_guest, "bookworm", "lan"),
+                                        net_guest(vuser_guest, "bookworm", "lan")) as (a, b):
+            switch = a.device("net")
+            port_b = str(b.ports["lan"])
 
-                # loss=30%: only the requests (frames to B) are impaired.
-                net.switch.impair(port_b, parse_spec(["loss=30%", "seed=42"]))
-                r = await a.run(f"ping -c {PINGS} -i 0.05 -W 1 10.0.0.2", merge_stderr=True, timeout=60)
-                p = parse_ping(r.stdout)
-                lost = p.sent - p.received
-                lo, hi = binomial_99(PINGS, LOSS)
-                st = net.port(1)["impair"]
-                assert lo <= lost <= hi, (lost, (lo, hi), st)
-                assert st["dropped"] >= lost
+            async def impair(*tokens: str) -> None:
+                """`vuser ctl PATH impair PORT SPEC...` on B's port."""
+                await switch.ctl("impair", port_b, *tokens)
 
-                # delay=100ms: the round trip grows by 100 ms.
-                net.switch.impair(port_b, parse_spec(["delay=100ms"]))
-                d = await ping(a, "10.0.0.2", count=10)
-                assert d.avg_ms is not None and 100 <= d.avg_ms <= 100 + base.avg_ms + 30, (d.avg_ms, base.avg_ms)
+            base = await ping(a, b.ip, count=10)
+            assert base.avg_ms is not None
 
-                # rate=10mbit: TCP to B at 10 Mbit/s, +-15%.
-                net.switch.impair(port_b, parse_spec(["rate=10mbit"]))
-                mib = 12
-                took, sent, got = await tcp_seconds(a, b, "10.0.0.2", mib, 5000)
-                mbit = mib * 8 * 1.048576 / took
-                assert sent == got
-                assert 8.5 <= mbit <= 11.5, (mbit, took, net.port(1)["impair"])
+            # loss=30%: only the requests (frames to B) are impaired.
+            await impair("loss=30%", "seed=42")
+            r = await a.run(f"ping -c {PINGS} -i 0.05 -W 1 {b.ip}", timeout=60)
+            p = parse_ping(r.stdout + r.stderr)
+            lost = p.sent - p.received
+            lo, hi = binomial_99(PINGS, LOSS)
+            st = dict((await switch.ctl("stats"))["ports"][int(port_b)]["impair"])
+            assert lo <= lost <= hi, (lost, (lo, hi), st)
+            assert st["dropped"] >= lost
 
-                # A hostile path: 16 MiB still arrive intact.
-                net.switch.impair(port_b, parse_spec(["loss=5%", "reorder=5%", "duplicate=1%", "delay=10ms",
-                                                      "seed=7"]))
-                took2, sent2, got2 = await tcp_seconds(a, b, "10.0.0.2", 16, 5001)
-                st2 = net.port(1)["impair"]
-                assert sent2 == got2
-                assert st2["dropped"] > 0 and st2["reordered"] > 0 and st2["duplicated"] > 0, st2
-                net.switch.impair(port_b, None)
-                print(f"baseline rtt {base.avg_ms} ms; loss=30%: {lost}/{PINGS} lost (99% interval "
-                      f"{lo:.0f}..{hi:.0f}); delay=100ms: rtt {d.avg_ms} ms; rate=10mbit: {mib} MiB in "
-                      f"{took:.1f}s = {mbit:.2f} Mbit/s; loss 5% reorder 5% duplicate 1%: 16 MiB in "
-                      f"{took2:.1f}s, md5 {sent2}, {st2}")
+            # delay=100ms: the round trip grows by 100 ms.
+            await impair("delay=100ms")
+            d = await ping(a, b.ip, count=10)
+            assert d.avg_ms is not None and 100 <= d.avg_ms <= 100 + base.avg_ms + 30, (d.avg_ms, base.avg_ms)
+
+            # rate=10mbit: TCP to B at 10 Mbit/s, +-15%.
+            await impair("rate=10mbit")
+            mib = 12
+            took, sent, got = await tcp_seconds(a, b, b.ip, mib, 5000)
+            mbit = mib * 8 * 1.048576 / took
+            assert sent == got
+            assert 8.5 <= mbit <= 11.5, (mbit, took)
+
+            # A hostile path: 16 MiB still arrive intact.
+            await impair("loss=5%", "reorder=5%", "duplicate=1%", "delay=10ms", "seed=7")
+            took2, sent2, got2 = await tcp_seconds(a, b, b.ip, 16, 5001)
+            st2 = dict((await switch.ctl("stats"))["ports"][int(port_b)]["impair"])
+            assert sent2 == got2
+            assert st2["dropped"] > 0 and st2["reordered"] > 0 and st2["duplicated"] > 0, st2
+            await switch.ctl("impair", port_b, "clear")
+            print(f"baseline rtt {base.avg_ms} ms; loss=30%: {lost}/{PINGS} lost (99% interval "
+                  f"{lo:.0f}..{hi:.0f}); delay=100ms: rtt {d.avg_ms} ms; rate=10mbit: {mib} MiB in "
+                  f"{took:.1f}s = {mbit:.2f} Mbit/s; loss 5% reorder 5% duplicate 1%: 16 MiB in "
+                  f"{took2:.1f}s, md5 {sent2}, {st2}")
