@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import random
 from dataclasses import dataclass
 
@@ -20,6 +21,10 @@ import pytest
 from hypothesis import strategies as st
 
 from vuser.rings.base import MAX_INDIRECT, NO_BYTE_LIMIT, PopResult
+
+# Hostile rings per property test: 3000 in CI; more by hand, e.g.
+# VUSER_RING_EXAMPLES=30000 python -m pytest tests/test_packed_property.py
+HOSTILE_EXAMPLES = int(os.environ.get("VUSER_RING_EXAMPLES", "3000"))
 
 native = pytest.importorskip("vuser._native")
 ffi, lib = native.ffi, native.lib
@@ -215,7 +220,6 @@ def facade_runs(gpas: list[int], fill: int, writes: list[tuple[int, int, bytes]]
     over real memfd GuestMemory holding the case: the traces (chains with
     their bytes, errors, indexes, notify decisions) and the final memory
     of each, to be compared."""
-    import os
 
     from vuser.memory import GuestMemory, RegionSpec
     from vuser.virtqueue import VirtQueue

@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from ringworld import (
+    HOSTILE_EXAMPLES,
     ADDRESSES,
     EDGE_ADDRESSES,
     LENGTHS,
@@ -389,7 +390,7 @@ def run_case(case: Case) -> dict[str, int]:
     return stats
 
 
-@settings(max_examples=3000, deadline=None,
+@settings(max_examples=HOSTILE_EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(ring_cases())
 def test_c_equals_reference_on_hostile_packed_rings(case: Case) -> None:

@@ -40,6 +40,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from ringworld import (
+    HOSTILE_EXAMPLES,
     ADDRESSES,
     EDGE_ADDRESSES,
     LENGTHS,
@@ -373,7 +374,7 @@ def run_case(case: Case, layout: str = "split") -> dict[str, int]:
     return stats
 
 
-@settings(max_examples=3000, deadline=None, derandomize=False,
+@settings(max_examples=HOSTILE_EXAMPLES, deadline=None, derandomize=False,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(ring_cases())
 @pytest.mark.parametrize("layout", sorted(PAIRS))
