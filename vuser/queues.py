@@ -271,11 +271,19 @@ class QueueRuntime:
             if vq is None or not slot.enabled or self.broken is not None:
                 return False
             before = vq.popped  # (not the ring position: it repeats after whole laps)
+            waiting = vq.avail_pending()
             vq.set_notification(False)
             slot.budget.reset()
             self._round(slot)
             vq.set_notification(True)
-            if self.broken is not None or vq.popped == before or not vq.avail_pending():
+            if self.broken is not None or not vq.avail_pending():
+                return False
+            # Chains pending now.  If some were pending before the round and
+            # it took none, the device leaves this queue alone (net receive
+            # queues are filled from the other side): stop.  Otherwise they
+            # came while notifications were off -- a packed ring's driver
+            # does not kick while the device says DISABLE -- so go again.
+            if waiting and vq.popped == before:
                 return False
         return True
 
