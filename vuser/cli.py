@@ -1,4 +1,4 @@
-"""Command line: ``vuser run | devices | qemu-args | ctl | plot | provision``.
+"""Command line: ``vuser run | devices | qemu-args | ctl | plot | probe | provision``.
 
 Every user error (an unknown device or option, a path that cannot be used,
 a bad control command) is one line on stderr naming the thing and the
@@ -22,6 +22,7 @@ from . import registry
 from .device import DeviceError
 from .errors import UsageError
 from .plugin import DevicePlugin, qemu_escape, with_device_property
+from .probe.command import add_arguments as add_probe_arguments
 
 log = logging.getLogger("vuser")
 
@@ -323,6 +324,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ probe
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .probe.command import ProbeUsageError, main as probe_main
+
+    if "log_level" not in vars(args):  # the table is the output; the harness's INFO lines are noise here
+        logging.getLogger("vuser").setLevel(logging.ERROR)
+    try:
+        return probe_main(args)
+    except ProbeUsageError as exc:
+        raise UserError(str(exc)) from None
+
+
 # ------------------------------------------------------------------ provision
 
 def cmd_provision(args: argparse.Namespace) -> int:
@@ -358,6 +372,11 @@ def build_parser() -> Parser:
     plot.add_argument("-o", "--output", required=True, metavar="PNG", help="the picture to write")
     plot.add_argument("--title", help="title above the plot (default: the device and the file name)")
     plot.set_defaults(func=cmd_plot)
+    probe = sub.add_parser("probe", parents=[parent], help="check a vhost-user back-end against the spec",
+                           description="Connect to a vhost-user back-end (any implementation) as a "
+                                       "front-end and run conformance checks for its device type.")
+    add_probe_arguments(probe)
+    probe.set_defaults(func=cmd_probe)
     prov = sub.add_parser("provision", parents=[parent], add_help=False,
                           help="install and cache what real-guest tests need (QEMU, kernels, initramfs)")
     prov.add_argument("provision_args", nargs=argparse.REMAINDER)
