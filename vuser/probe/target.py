@@ -140,16 +140,19 @@ class ProbeTarget:
         self.starts += 1
         if self.listen:
             return
+        problem = None
         with trio.move_on_after(self.start_timeout):
             while not _is_socket(self.socket_path):
                 rc = self.proc.poll()
                 if rc is not None:
-                    raise BackendGone(f"the back-end {exit_description(rc)} "
-                                      f"before listening on {self.socket_path}{self._log_note()}")
+                    problem = f"the back-end {exit_description(rc)} before listening on {self.socket_path}"
+                    break
                 await trio.sleep(0.02)
-            return
-        raise BackendGone(f"the back-end did not listen on {self.socket_path} within "
-                          f"{self.start_timeout}s{self._log_note()}")
+            else:
+                return
+        await self.stop()   # it is not counted as a death of the check's making
+        raise BackendGone((problem or f"the back-end did not listen on {self.socket_path} within "
+                                      f"{self.start_timeout}s") + self._log_note())
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
