@@ -116,15 +116,9 @@ class Probe:
     def existing_fields(self) -> list[ConfigField]:
         """Config fields that exist per the back-end's offered features
         (seed 002: a field exists when its feature is offered)."""
-        out = []
-        for f in self.profile.config_fields:
-            if f.feature is None:
-                out.append(f)
-                continue
-            bits = [feat.bit for feat in self.profile.features if feat.name.endswith("_F_" + f.feature)]
-            if bits and self.offers(bits[0]):
-                out.append(f)
-        return out
+        bits = {f.short: f.bit for f in self.profile.features}
+        return [f for f in self.profile.config_fields
+                if f.feature is None or (f.feature in bits and self.offers(bits[f.feature]))]
 
 
 @dataclass
