@@ -138,7 +138,8 @@ class Running:
 
     async def stop(self, expected: int | None = None) -> int | None:
         """QEMU's power-off; the work queue's GET_VRING_BASE, which must be
-        ``expected`` when given."""
+        ``expected`` when given (only the vring-base and reconnect checks
+        judge it, so one wrong base fails those, not every check)."""
         base = (await self.fe.stop()).get(self.work.queue)
         if expected is not None and base != expected:
             raise Fail(f"GET_VRING_BASE of queue {self.work.queue}: {base}, expected {expected}")

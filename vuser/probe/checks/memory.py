@@ -22,9 +22,9 @@ async def replace_while_running(p: Probe) -> str:
         await r.serve(3)
         r.q.buffer_region = None
         await r.serve(3)
-        await r.stop(9)
+        await r.stop()
         return (f"SET_MEM_TABLE with {len(r.fe.memory.regions)} regions while running; requests with buffers "
-                f"in the new region served; GET_VRING_BASE 9")
+                f"in the new region served")
 
 
 async def mem_slots(p: Probe) -> str:
@@ -52,7 +52,7 @@ async def mem_slots(p: Probe) -> str:
             fe.memory.remove_region(region.index)
             await fe.rem_mem_reg(region)
         await r.serve(3)
-        await r.stop(6)
+        await r.stop()
         capped = f" (the probe stops at {MAX_SLOTS_TRIED})" if target < slots else ""
         return (f"{slots} slots announced; {target} regions held{capped}, requests served from the last one; "
                 f"{len(added)} removed with REM_MEM_REG, requests served again")

@@ -168,7 +168,7 @@ def hostile_check(case: Hostile) -> Callable[[Probe], Awaitable[str]]:
             raise Fail(f"{case.what}: the back-end {exit_description(died)} instead of serving the next connection")
         async with p.running() as r:
             await r.serve(2)
-            await r.stop(2)
+            await r.stop()
         again = " (started again: it exits after each connection)" if p.target.clean_exits > exits else ""
         return f"{case.what}: the back-end {reaction}; the next connection was served{again}"
     run.__name__ = f"hostile_{case.name.replace('-', '_')}"

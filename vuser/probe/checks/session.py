@@ -24,9 +24,10 @@ def feature_names(p: Probe, bits: int) -> str:
 async def _handshake(p: Probe, personality: str) -> str:
     async with p.running(personality) as r:
         await r.serve(4)
-        await r.stop(4)
+        base = await r.stop()
         negotiated = feature_names(p, r.drv.negotiated_features or 0)
-        return f"{len(r.fe.sent())} messages as {personality}; negotiated {negotiated}; 4 requests served, GET_VRING_BASE 4"
+        return (f"{len(r.fe.sent())} messages as {personality}; negotiated {negotiated}; 4 requests served; "
+                f"GET_VRING_BASE {base} (vring-base/* judge it)")
 
 
 async def handshake_qemu_11(p: Probe) -> str:
@@ -130,7 +131,7 @@ async def reply_ack(p: Probe) -> str:
     async with p.running(EVERY_NEED_REPLY) as r:
         p.require_protocol(PF.REPLY_ACK, r.fe)
         await r.serve(2)
-        await r.stop(2)
+        await r.stop()
         asked = [e.request for e in r.fe.trace if e.need_reply]
         if not asked:
             raise Fail("no request was sent with NEED_REPLY")
