@@ -26,8 +26,8 @@ RANK = {
     "handles": 4, "device": 4, "plugin": 4, "handler": 4, "connection": 4,
     # devices, status, discovery, runners
     "devices": 5, "status": 5, "registry": 5, "runner": 5,
-    # harness, real-guest kit, command line
-    "frontend": 6, "testing": 6, "cli": 6, "plot": 6,
+    # harness, real-guest kit, conformance probe, command line
+    "frontend": 6, "testing": 6, "cli": 6, "plot": 6, "probe": 6, "backend_program": 6,
 }
 SANS_IO = ("virtio", "codes", "events", "wire", "errors", "negotiation", "protocol")
 IO_MODULES = {"trio", "socket", "mmap", "os", "select", "asyncio", "subprocess"}

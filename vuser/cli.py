@@ -1,4 +1,5 @@
-"""Command line: ``vuser run | devices | qemu-args | ctl | plot | provision``.
+"""Command line: ``vuser run | devices | qemu-args | ctl | plot | descriptors | probe | provision``,
+and the per-device back-end programs ``vuser-DEVICE`` (``backend_main``).
 
 Every user error (an unknown device or option, a path that cannot be used,
 a bad control command) is one line on stderr naming the thing and the
@@ -23,7 +24,8 @@ import trio
 from . import registry
 from .device import DeviceError
 from .errors import UsageError
-from .plugin import DevicePlugin, qemu_escape, with_device_property
+from .plugin import DevicePlugin, chardev_spec, with_device_property
+from .probe.command import add_arguments as add_probe_arguments
 from .testing.provision import cli as provision_cli
 
 if TYPE_CHECKING:
@@ -67,8 +69,13 @@ def _add_run(sub: Any, parent: Parser, plugins: dict[str, DevicePlugin[Any]]) ->
     devices = run.add_subparsers(dest="device", metavar="DEVICE", required=True, parser_class=Parser)
     for name, plugin in plugins.items():
         p = devices.add_parser(name, parents=[parent], help=plugin.description, description=plugin.description)
-        p.add_argument("--socket", required=True, metavar="PATH", action="append",
+        p.add_argument("--socket", "--socket-path", dest="socket", metavar="PATH", action="append",
                        help="vhost-user unix socket (repeatable for multi-port devices: one port per socket)")
+        p.add_argument("--fd", type=int, action="append", metavar="N",
+                       help="serve the listening vhost-user socket inherited as fd N instead (systemd socket "
+                            "activation, a management layer); repeatable like --socket")
+        p.add_argument("--print-capabilities", action="store_true",
+                       help="print the back-end's capabilities (JSON) and exit; other options are ignored")
         p.add_argument("--client", action="store_true", help="connect to a front-end listening on --socket")
         p.add_argument("--allow-peer-uid", type=int, action="append", default=[], metavar="UID",
                        help="with --client: also serve a front-end running as UID (default: only "
@@ -103,9 +110,11 @@ def runner_group(plugin: DevicePlugin[Any], devices: Sequence[Any], args: argpar
     from .runner import Runner, RunnerGroup
 
     peers = {os.getuid(), 0, *args.allow_peer_uid}
+    fds: list[int | None] = list(args.fd or [None] * len(devices))
     runners = [Runner(dev, path, client=args.client, ring_impl=args.ring, plugin=plugin, peer_uids=sorted(peers),
-                      ring_state=None if args.no_ring_state else default_ring_state_path(path))
-               for dev, path in zip(devices, args.socket)]
+                      ring_state=None if args.no_ring_state or fd is not None else default_ring_state_path(path),
+                      fd=fd)
+               for dev, path, fd in zip(devices, _socket_names(args), fds)]
     return RunnerGroup(runners, control_path=args.control, background=plugin.background(devices), plugin=plugin)
 
 
@@ -120,9 +129,24 @@ async def _serve(plugin: DevicePlugin[Any], devices: list[Any], args: argparse.N
                 break
 
 
+def _socket_names(args: argparse.Namespace) -> list[str]:
+    """The sockets' paths, or for inherited ones ``fd:N`` (status, logs, port names)."""
+    return list(args.socket or [f"fd:{n}" for n in args.fd])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     plugin: DevicePlugin[Any] = args.plugin
-    devices = create_devices(plugin, args, args.socket)
+    if args.print_capabilities:
+        from .backend_program import capabilities
+
+        print(json.dumps(capabilities(plugin)))
+        return 0
+    # vhost-user.rst: --socket-path and --fd are incompatible.
+    if bool(args.socket) == bool(args.fd):
+        raise UserError("give --socket PATH (--socket-path) or --fd N" + (", not both" if args.socket else ""))
+    if args.fd and args.client:
+        raise UserError("--fd is a listening socket: not with --client")
+    devices = create_devices(plugin, args, _socket_names(args))
     try:
         trio.run(_serve, plugin, devices, args)
     except (OSError, BaseExceptionGroup) as exc:
@@ -215,18 +239,17 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def qemu_args(plugin: DevicePlugin[Any], device: Any, socket_path: str, *, qemu_version: str = "11",
               memory: str | None = "512M", chardev_id: str = "vu0", reconnect: int | None = None,
-              packed: bool = False) -> list[str]:
+              packed: bool = False, qemu_server: bool = False) -> list[str]:
     """QEMU arguments attaching ``device``; ``memory=None`` leaves out the
     shared memory backend (when the caller already gives one: a vhost-user
     back-end needs the guest RAM shared, e.g. memory-backend-memfd,share=on).
     ``reconnect``: seconds; QEMU 10.2 and later take ``reconnect-ms``.
     ``packed``: the virtio device property ``packed=on`` (QEMU 4.2+), which
     lets the guest negotiate VIRTIO_F_RING_PACKED (QEMU's generic device
-    passes the back-end's offer through regardless)."""
-    chardev = f"socket,id={chardev_id},path={qemu_escape(socket_path)}"
-    if reconnect is not None:
-        major = int(qemu_version.split(".")[0])
-        chardev += f",reconnect={reconnect}" if major < 10 else f",reconnect-ms={reconnect * 1000}"
+    passes the back-end's offer through regardless).  ``qemu_server``: QEMU
+    listens on the socket, vuser runs with ``--client``."""
+    chardev = chardev_spec(socket_path, chardev_id, qemu_version=qemu_version, reconnect=reconnect,
+                           server=qemu_server)
     mem_args = [] if memory is None else [
         "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
         "-machine", "q35,memory-backend=mem",
@@ -254,6 +277,10 @@ def _add_qemu_args(sub: Any, parent: Parser, plugins: dict[str, DevicePlugin[Any
                        help="leave out the shared memory backend (the caller gives one, once per guest)")
         p.add_argument("--packed", action="store_true",
                        help="packed=on: let the guest use packed virtqueues (VIRTIO_F_RING_PACKED)")
+        p.add_argument("--qemu-server", action="store_true",
+                       help="QEMU listens on the socket (libvirt mode='server'); run vuser with --client")
+        p.add_argument("--libvirt", action="store_true",
+                       help="print the libvirt domain XML that attaches the device instead")
         plugin.add_arguments(p)
         p.set_defaults(func=cmd_qemu_args, plugin=plugin)
 
@@ -262,10 +289,15 @@ def cmd_qemu_args(args: argparse.Namespace) -> int:
     plugin: DevicePlugin[Any] = args.plugin
     devices = create_devices(plugin, args, [args.socket])
     try:
+        if args.libvirt:
+            print(plugin.libvirt_xml(devices[0], args.socket, qemu_version=args.qemu_version,
+                                     chardev=args.chardev_id, reconnect=args.reconnect,
+                                     qemu_server=args.qemu_server))
+            return 0
         print(shlex.join(qemu_args(plugin, devices[0], args.socket, qemu_version=args.qemu_version,
                                    memory=None if args.no_memory else args.memory,
                                    chardev_id=args.chardev_id, reconnect=args.reconnect,
-                                   packed=args.packed)))
+                                   packed=args.packed, qemu_server=args.qemu_server)))
     finally:
         plugin.close(devices)
     return 0
@@ -350,6 +382,39 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ descriptors
+
+def cmd_descriptors(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .backend_program import descriptors, install
+
+    bindir = None if args.bindir is None else Path(args.bindir)
+    if args.install is None:
+        print(json.dumps(descriptors(bindir), indent=2))
+        return 0
+    try:
+        written = install(Path(args.install), bindir)
+    except OSError as exc:
+        raise UserError(f"{exc.filename or args.install}: {exc.strerror or exc}") from None
+    for path in written:
+        print(path)
+    return 0
+
+
+# ------------------------------------------------------------------ probe
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .probe.command import ProbeUsageError, main as probe_main
+
+    if "log_level" not in vars(args):  # the table is the output; the harness's INFO lines are noise here
+        logging.getLogger("vuser").setLevel(logging.ERROR)
+    try:
+        return probe_main(args)
+    except ProbeUsageError as exc:
+        raise UserError(str(exc)) from None
+
+
 # ------------------------------------------------------------------ provision
 
 def cmd_provision(args: argparse.Namespace) -> int:
@@ -383,6 +448,21 @@ def build_parser() -> Parser:
     plot.add_argument("-o", "--output", required=True, metavar="PNG", help="the picture to write")
     plot.add_argument("--title", help="title above the plot (default: the device and the file name)")
     plot.set_defaults(func=cmd_plot)
+    desc = sub.add_parser("descriptors", parents=[parent],
+                          help="vhost-user JSON descriptors for QEMU and libvirt (vhost-user.json)",
+                          description="Print the vhost-user back-end descriptors of the installed "
+                                      "vuser-DEVICE programs, or install them into DIR (e.g. "
+                                      "/usr/share/qemu/vhost-user, /etc/qemu/vhost-user, "
+                                      "~/.config/qemu/vhost-user).")
+    desc.add_argument("--install", metavar="DIR", help="write 50-vuser-DEVICE.json files into DIR")
+    desc.add_argument("--bindir", metavar="DIR",
+                      help="where the vuser-DEVICE programs are (default: this installation's scripts)")
+    desc.set_defaults(func=cmd_descriptors)
+    probe = sub.add_parser("probe", parents=[parent], help="check a vhost-user back-end against the spec",
+                           description="Connect to a vhost-user back-end (any implementation) as a "
+                                       "front-end and run conformance checks for its device type.")
+    add_probe_arguments(probe)
+    probe.set_defaults(func=cmd_probe)
     prov = sub.add_parser("provision", parents=[parent], description=provision_cli.DESCRIPTION,
                           help="install and cache what real-guest tests need (QEMU, kernels, initramfs)")
     provision_cli.add_arguments(prov)
@@ -391,13 +471,28 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["run"] and "--print-capabilities" in words[2:]:
+        words = words[:2] + ["--print-capabilities"]   # vhost-user.rst: other options are ignored
+    args = build_parser().parse_args(words)
     _setup_logging(getattr(args, "log_level", "INFO"))
     try:
         return int(args.func(args))
     except UserError as exc:
         print(f"vuser {args.command}: {exc}", file=sys.stderr)
         return USAGE_ERROR
+
+
+def backend_main() -> int:
+    """``vuser-DEVICE``: ``vuser run DEVICE`` as a back-end program of its
+    own, the binary its vhost-user descriptor names (vuser.backend_program)."""
+    from .backend_program import device_of
+
+    device = device_of(sys.argv[0])
+    if device is None:
+        print(f"{sys.argv[0]}: not a vuser-DEVICE program", file=sys.stderr)
+        return USAGE_ERROR
+    return main(["run", device, *sys.argv[1:]])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,7 +6,10 @@ devices register the same way a third-party package does).  It owns:
 * the command-line options of ``vuser run DEVICE`` / ``vuser qemu-args
   DEVICE`` and how they become device instances, one per socket
   (``create``; net makes several ports of one switch);
-* the QEMU arguments that attach a device (``qemu_args``);
+* the QEMU arguments that attach a device (``qemu_args``), and the libvirt
+  domain XML that does (``libvirt_xml``);
+* its type for QEMU's and libvirt's discovery of back-end programs
+  (``backend_type``, vhost-user.json's VHostUserBackendType);
 * background work shared by every instance (``background``);
 * control commands (``commands``): typed callables that the control server
   runs and ``vuser devices`` lists;
@@ -18,6 +21,7 @@ A device with nothing special needs only ``DevicePlugin(MyDevice)``.
 from __future__ import annotations
 
 import argparse
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
@@ -99,6 +103,35 @@ def qemu_escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
+def chardev_spec(socket_path: str, chardev_id: str = "vu0", *, qemu_version: str = "11",
+                 reconnect: int | None = None, server: bool = False) -> str:
+    """QEMU's ``-chardev`` value for a vhost-user socket.  ``server``: QEMU
+    listens (and waits for the back-end, run with ``--client``);
+    ``reconnect``: seconds between QEMU's attempts to reach a restarted
+    back-end (client mode; QEMU 10.2 and later take ``reconnect-ms``)."""
+    spec = f"socket,id={chardev_id},path={qemu_escape(socket_path)}"
+    if server:
+        return spec + ",server=on"
+    if reconnect is not None:
+        major = int(qemu_version.split(".")[0])
+        spec += f",reconnect={reconnect}" if major < 10 else f",reconnect-ms={reconnect * 1000}"
+    return spec
+
+
+# libvirt: the namespace of <qemu:commandline> and <qemu:override>.
+LIBVIRT_QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+ET.register_namespace("qemu", LIBVIRT_QEMU_NS)
+SHARED_MEMORY_NOTE = ("<!-- vhost-user maps the guest's RAM: the domain needs "
+                      "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking> -->")
+
+
+def xml_text(*elements: ET.Element, notes: tuple[str, ...] = ()) -> str:
+    """Domain XML fragments, indented, after ``notes`` (XML comments)."""
+    for e in elements:
+        ET.indent(e)
+    return "\n".join([*notes, *(ET.tostring(e, encoding="unicode") for e in elements)])
+
+
 def with_device_property(qemu_args: list[str], prop: str) -> list[str]:
     """``qemu_args`` with ``,PROP`` added to every ``-device`` (e.g.
     ``packed=on``, a property of every virtio device)."""
@@ -156,6 +189,26 @@ class DevicePlugin(Generic[D]):
         the device in the guest.  Default: QEMU 11's generic device."""
         return ["-device", f"vhost-user-test-device-pci,chardev={chardev},virtio-id={device.virtio_id},"
                            f"num_vqs={device.max_queues},config_size={device.config_size}"]
+
+    def libvirt_xml(self, device: D, socket_path: str, *, qemu_version: str = "11", chardev: str = "vu0",
+                    reconnect: int | None = None, qemu_server: bool = False) -> str:
+        """The libvirt domain XML that attaches the device.  Default: libvirt
+        has no element for it, so ``<qemu:commandline>`` with the QEMU
+        arguments (the domain declares the ``qemu`` namespace)."""
+        spec = chardev_spec(socket_path, chardev, qemu_version=qemu_version, reconnect=reconnect,
+                            server=qemu_server)
+        line = ET.Element(f"{{{LIBVIRT_QEMU_NS}}}commandline")
+        for arg in ["-chardev", spec, *self.qemu_args(device, chardev, qemu_version)]:
+            ET.SubElement(line, f"{{{LIBVIRT_QEMU_NS}}}arg", value=arg)
+        return xml_text(line, notes=(SHARED_MEMORY_NOTE,))
+
+    # ----------------------------------------------------------- back-end program
+
+    @property
+    def backend_type(self) -> str:
+        """The device's VHostUserBackendType (vhost-user.json): what
+        ``--print-capabilities`` and the installed descriptor say."""
+        return self.name
 
     # ----------------------------------------------------------- control
 

@@ -23,7 +23,7 @@ from .plugin import BackgroundTask, CommandError, DevicePlugin
 from .recorder import Recorder
 from .ringstate import RingStateFile
 from .status import group_status, socket_status
-from .transport import serve_client, serve_unix
+from .transport import serve_client, serve_inherited, serve_unix
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +43,18 @@ class Runner:
     def __init__(self, device: Device, socket_path: str, *, client: bool = False,
                  control_path: str | None = None, ring_impl: str = "native",
                  plugin: DevicePlugin[Any] | None = None, peer_uids: Sequence[int] | None = None,
-                 ring_state: str | None = None) -> None:
+                 ring_state: str | None = None, fd: int | None = None) -> None:
         """``ring_state``: a file where packed rings keep their state across
-        vuser restarts (``vuser.ringstate``); None: kept in memory only."""
+        vuser restarts (``vuser.ringstate``); None: kept in memory only.
+        ``fd``: serve the listening socket inherited as this fd (``--fd``)
+        instead of listening on ``socket_path`` (then only a name)."""
         self.device = device
         self.ring_state = None if ring_state is None or ring_impl != "native" else \
             RingStateFile(ring_state, device.max_queues)
         self.peer_uids = peer_uids
         self.socket_path = socket_path
         self.client = client
+        self.fd = fd
         self.control_path = control_path
         self.ring_impl = ring_impl
         self.plugin = plugin
@@ -95,7 +98,9 @@ class Runner:
             if self.control_path:
                 await nursery.start(self.group.recorder.run)
                 await nursery.start(serve_control, self.control_path, self.control)
-            if self.client:
+            if self.fd is not None:
+                await nursery.start(serve_inherited, self.fd, self._handle)
+            elif self.client:
                 await nursery.start(partial(serve_client, peer_uids=self.peer_uids), self.socket_path,
                                     self._handle)
             else:

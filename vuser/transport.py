@@ -126,17 +126,50 @@ async def serve_unix(path: str, handler: ConnectionHandler, *,
     try:
         log.info("listening on %s", path)
         task_status.started()
-        while True:
-            try:
-                conn, _ = await listener.accept()
-            except OSError as exc:  # transient accept errors (EMFILE, ECONNABORTED)
-                log.warning("accept on %s failed: %s", path, exc)
-                await trio.sleep(0.1)
-                continue
-            with conn:
-                await handler(conn)
+        await _accept_loop(listener.sock, path, handler)
     finally:
         listener.close()
+
+
+async def serve_inherited(fd: int, handler: ConnectionHandler, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve front-ends on the listening unix socket inherited as ``fd``
+    (vhost-user.rst "Backend program conventions", ``--fd``: systemd
+    socket activation, a management layer that made the socket), one at a
+    time, like ``serve_unix``.  The socket is closed on the way out.
+
+    Error handling: OSError when ``fd`` is not a listening unix stream
+    socket (before ``task_status.started()``)."""
+    try:
+        raw = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise OSError(exc.errno, f"fd {fd}: {exc.strerror or exc}") from None
+    try:
+        if raw.family != socket.AF_UNIX or raw.type != socket.SOCK_STREAM:
+            raise OSError(errno.ENOTSOCK, f"fd {fd} is not a unix stream socket")
+        if not raw.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise OSError(errno.EINVAL, f"fd {fd} is not a listening socket")
+    except BaseException:
+        raw.detach()   # not ours to close when it is not what we take
+        raise
+    raw.setblocking(False)
+    sock = trio.socket.from_stdlib_socket(raw)
+    with sock:
+        log.info("listening on inherited fd %d", fd)
+        task_status.started()
+        await _accept_loop(sock, f"fd {fd}", handler)
+
+
+async def _accept_loop(sock: trio.socket.SocketType, name: str, handler: ConnectionHandler) -> None:
+    while True:
+        try:
+            conn, _ = await sock.accept()
+        except OSError as exc:  # transient accept errors (EMFILE, ECONNABORTED)
+            log.warning("accept on %s failed: %s", name, exc)
+            await trio.sleep(0.1)
+            continue
+        with conn:
+            await handler(conn)
 
 
 async def serve_client(path: str, handler: ConnectionHandler, *, max_backoff: float = 2.0,

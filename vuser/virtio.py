@@ -100,6 +100,42 @@ class BalloonFeature(enum.IntEnum):
     REPORTING = 5
 
 
+class BlkFeature(enum.IntEnum):
+    """virtio-blk feature bits (spec 5.2.3)."""
+
+    SIZE_MAX = 1
+    SEG_MAX = 2
+    GEOMETRY = 4
+    RO = 5
+    BLK_SIZE = 6
+    FLUSH = 9
+    TOPOLOGY = 10
+    CONFIG_WCE = 11
+    MQ = 12
+    DISCARD = 13
+    WRITE_ZEROES = 14
+
+
+class BlkRequest(enum.IntEnum):
+    """virtio_blk_req.type (spec 5.2.6)."""
+
+    IN = 0
+    OUT = 1
+    FLUSH = 4
+    GET_ID = 8
+
+
+# virtio_blk_req.status (spec 5.2.6).
+BLK_S_OK = 0
+BLK_SECTOR_SIZE = 512
+
+
+class FsFeature(enum.IntEnum):
+    """virtio-fs feature bits (spec 5.11.3)."""
+
+    NOTIFICATION = 0
+
+
 class BalloonStat(enum.IntEnum):
     """virtio_balloon_stat tags (spec 5.5.6.3); names as QEMU's QMP shows them."""
 
@@ -195,6 +231,8 @@ _TRANSPORT_PREFIX = {
 _PREFIX: dict[type[enum.IntEnum], str] = {
     NetFeature: "VIRTIO_NET_F_",
     BalloonFeature: "VIRTIO_BALLOON_F_",
+    BlkFeature: "VIRTIO_BLK_F_",
+    FsFeature: "VIRTIO_FS_F_",
 }
 
 

@@ -6,10 +6,20 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import xml.etree.ElementTree as ET
 from typing import Any, Sequence
 
 from vuser.device import DeviceError
-from vuser.plugin import BackgroundTask, Command, CommandError, DevicePlugin, Param
+from vuser.plugin import (
+    LIBVIRT_QEMU_NS,
+    SHARED_MEMORY_NOTE,
+    BackgroundTask,
+    Command,
+    CommandError,
+    DevicePlugin,
+    Param,
+    xml_text,
+)
 
 from .device import DEFAULT_QUEUE_PAIRS, NetDevice
 from .impair import ImpairError, parse_spec
@@ -150,10 +160,45 @@ class NetPlugin(DevicePlugin[NetDevice]):
             args += f",host_mtu={device.mtu}"
         if device.queue_pairs > 1:
             args += ",mq=on"
-        if qemu_version.startswith("7"):
-            # QEMU 7.2 under TCG segfaults at DRIVER_OK without it (design.md).
+        if _no_msix(qemu_version):
             args += ",vectors=0"
         return ["-netdev", f"vhost-user,id={chardev}-net,chardev={chardev}{mq}", "-device", args]
+
+    def libvirt_xml(self, device: NetDevice, socket_path: str, *, qemu_version: str = "11", chardev: str = "vu0",
+                    reconnect: int | None = None, qemu_server: bool = False) -> str:
+        """``<interface type='vhostuser'>`` (libvirt's mode is QEMU's side:
+        'client' connects to ``vuser run net --socket``, 'server' listens for
+        ``vuser run net --client``), with the MAC, queues and MTU
+        ``qemu_args`` gives; for QEMU 7.2 also the ``<qemu:override>``
+        setting vectors=0 on it."""
+        iface = ET.Element("interface", type="vhostuser")
+        ET.SubElement(iface, "mac", address=port_mac(device.port.name).hex(":"))
+        source = ET.SubElement(iface, "source", type="unix", path=socket_path,
+                               mode="server" if qemu_server else "client")
+        if reconnect is not None and not qemu_server:
+            ET.SubElement(source, "reconnect", enabled="yes", timeout=str(reconnect))
+        ET.SubElement(iface, "model", type="virtio")
+        if device.queue_pairs > 1:
+            ET.SubElement(iface, "driver", queues=str(device.queue_pairs))
+        if device.mtu != 1500:
+            ET.SubElement(iface, "mtu", size=str(device.mtu))
+        alias = f"ua-{chardev}"   # user aliases start with "ua-"
+        ET.SubElement(iface, "alias", name=alias)
+        if not _no_msix(qemu_version):
+            return xml_text(iface, notes=(SHARED_MEMORY_NOTE,))
+        q = f"{{{LIBVIRT_QEMU_NS}}}"
+        override = ET.Element(q + "override")
+        frontend = ET.SubElement(ET.SubElement(override, q + "device", alias=alias), q + "frontend")
+        ET.SubElement(frontend, q + "property", name="vectors", type="unsigned", value="0")
+        return xml_text(iface, override, notes=(
+            SHARED_MEMORY_NOTE, "<!-- QEMU 7.2 under TCG: the <qemu:override> goes in <domain>, the "
+                                "<interface> in <devices> -->"))
+
+
+def _no_msix(qemu_version: str) -> bool:
+    """QEMU 7.2's virtio-net-pci on a vhost-user netdev under TCG segfaults
+    at DRIVER_OK unless it has no MSI-X vectors (design.md)."""
+    return qemu_version.startswith("7")
 
 
 plugin = NetPlugin(NetDevice, commands=(

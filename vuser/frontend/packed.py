@@ -227,11 +227,17 @@ class PackedDriverQueue(DriverQueueBase):
     def get_used(self) -> list[UsedElem]:
         """Collect every new used descriptor (Linux virtqueue_get_buf_ctx_packed).
         Raises UsedRingError on an impossible one (an id not in flight, a
-        length beyond the buffer's writable bytes)."""
+        length beyond the buffer's writable bytes).  The length of a used
+        descriptor without WRITE counts as 0 (2.8.5)."""
         out: list[UsedElem] = []
         while self._in_flight and self._used_ready():
-            _, length, buffer_id, _ = PDESC.unpack(self.memory.read(self.desc_gpa + DESC_SIZE * self.last_used,
-                                                                    DESC_SIZE))
+            _, length, buffer_id, flags = PDESC.unpack(self.memory.read(self.desc_gpa + DESC_SIZE * self.last_used,
+                                                                        DESC_SIZE))
+            if not flags & DescFlag.WRITE:
+                # 2.8.5: Element Length is reserved in a used descriptor
+                # without WRITE and ignored by drivers (DPDK's net_vhost
+                # leaves a transmit chain's length there).
+                length = 0
             if buffer_id not in self._in_flight:
                 raise UsedRingError(f"queue {self.index}: used id {buffer_id} at slot {self.last_used} "
                                     f"is not a buffer in flight")

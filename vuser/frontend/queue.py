@@ -91,6 +91,8 @@ class DriverQueueBase:
         self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._in_flight: dict[int, InFlight] = {}
         self.stats = QueueStats()
+        # The region new buffers go to (None: round-robin over all of them).
+        self.buffer_region: int | None = None
 
     # ---------------------------------------------------------- layout hooks
 
@@ -149,11 +151,11 @@ class DriverQueueBase:
         segments: list[Segment] = []
         try:
             for data in out:
-                gpa = self.memory.alloc(len(data), 8)
+                gpa = self.memory.alloc(len(data), 8, region=self.buffer_region)
                 self.memory.write(gpa, data)
                 segments.append(Segment(gpa, len(data), False))
             for size in in_:
-                gpa = self.memory.alloc(size, 8)
+                gpa = self.memory.alloc(size, 8, region=self.buffer_region)
                 self.memory.fill(gpa, size, poison)
                 segments.append(Segment(gpa, size, True))
         except BaseException:

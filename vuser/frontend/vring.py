@@ -196,6 +196,25 @@ class DriverQueue(DriverQueueBase):
     def _write_used_event(self, value: int) -> None:
         self.memory.pack("<H", self.avail_gpa + self.layout.used_event, value & 0xFFFF)
 
+    def set_used_event(self, value: int) -> None:
+        """With EVENT_IDX: ask for a call when the used index passes
+        ``value`` (2.7.10) and stop ``get_used`` from moving it (callbacks
+        stay off until ``enable_callbacks``)."""
+        self.avail_flags |= int(AvailFlag.NO_INTERRUPT)
+        self._write_used_event(value)
+
+    def resume_at(self, index: int) -> None:
+        """Put an idle ring at avail and used index ``index``, as a ring
+        that has already carried that many chains (the SET_VRING_BASE to
+        send is then ``index``; index wrap tests start near 0xFFFF)."""
+        if self._in_flight:
+            raise ValueError(f"queue {self.index}: {len(self._in_flight)} chains in flight")
+        self.avail_idx = self.last_used_idx = index & 0xFFFF
+        self.publish()
+        self.memory.pack("<H", self.used_gpa + SplitLayout.USED_IDX, self.avail_idx)
+        if self.event_idx:
+            self._write_used_event(self.avail_idx)
+
     def _write_avail_flags(self) -> None:
         self.memory.pack("<H", self.avail_gpa + SplitLayout.AVAIL_FLAGS, self.avail_flags)
 

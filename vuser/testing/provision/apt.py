@@ -21,9 +21,13 @@ __all__ = ["Apt", "HOST_PACKAGES", "HostApt", "PrivateApt", "apt_get_update", "c
            "upstream_version"]
 
 # dpdk-dev carries dpdk-testpmd (the DPDK tests' vhost-user peer); iproute2
-# is for the demo's and tests' host-side networking.
-HOST_PACKAGES = ["qemu-system-x86", "busybox-static", "cpio", "xz-utils", "zstd",
-                 "dpdk-dev", "iproute2"]
+# is for the demo's and tests' host-side networking; qemu-system-common
+# (a dependency of qemu-system-x86, named for what the probe's tests run
+# from it) carries qemu-storage-daemon and virtiofsd; libvirt-daemon (with
+# its QEMU driver) and libvirt-clients (virsh) are for the libvirt test,
+# which starts its own session daemon.
+HOST_PACKAGES = ["qemu-system-x86", "qemu-system-common", "busybox-static", "cpio", "xz-utils", "zstd",
+                 "dpdk-dev", "iproute2", "libvirt-daemon", "libvirt-clients"]
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 
