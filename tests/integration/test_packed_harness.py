@@ -364,3 +364,39 @@ async def test_restarted_backend_resumes_packed_rings(tmp_path: Path, ring_state
                         assert len(q.get_used()) < len(added)
     finally:
         ram.close()
+
+
+# ------------------------------------------------------------------ a chain that comes while notifications are off
+
+
+class LateChainRng(RngDevice):
+    """An rng whose round, once, lets the driver add a chain right after
+    the round looked at the ring: what a guest on another CPU does while
+    the device says "no kicks" (packed: DISABLE; split: NO_NOTIFY)."""
+
+    hook: object = None
+
+    def on_kick(self, queue: object) -> None:
+        super().on_kick(queue)  # type: ignore[arg-type]
+        hook, self.hook = self.hook, None
+        if callable(hook):
+            hook()
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "split"])
+async def test_chain_made_available_while_notifications_are_off(tmp_path: Path, packed: bool) -> None:
+    """A kick finds the ring empty; during that round the driver adds a
+    chain and does not kick (the device asked for none).  The pass must go
+    again: the chain is served with no further kick."""
+    dev = LateChainRng()
+    with trio.fail_after(30):
+        async with served(dev, tmp_path / "rng.sock"):
+            async with Frontend.connect(str(tmp_path / "rng.sock"), packed=packed) as fe:
+                drv = Driver(fe, decline=[F_EVENT_IDX])
+                await drv.probe()
+                q = drv.queue(0)
+                dev.hook = lambda: q.add_inbuf(64)   # made available, never kicked
+                q.notify()                           # a kick on an empty ring
+                used = await q.wait_used(1, timeout=5)
+                assert len(used) == 1 and used[0].length == 64
+                assert q.stats.kicks == 1
