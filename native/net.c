@@ -108,13 +108,16 @@ static uint32_t gather(const struct vu_mem *mem, const struct vu_seg *segs, uint
 /*
  * Write n bytes of src into the device-writable segments of a chain.  The
  * bytes are at offset `base` of the frame being delivered (header
- * included); if mark is not NULL, the host addresses where frame bytes
- * MRG_NUM_BUFFERS_OFF and +1 land are stored there (to patch num_buffers
- * once the number of buffers is known; a header may span buffers).
+ * included); if mark is not NULL, the host and guest-physical addresses
+ * where frame bytes MRG_NUM_BUFFERS_OFF and +1 land are stored in mark and
+ * mark_gpa (to patch num_buffers once the number of buffers is known; a
+ * header may span buffers).  While the memory's dirty log is on, every
+ * piece written is marked in it (log.h).
  */
 static uint32_t scatter(const struct vu_mem *mem, const struct vu_seg *segs, uint32_t nsegs,
-                        const uint8_t *src, uint32_t n, uint32_t base, uint8_t **mark)
+                        const uint8_t *src, uint32_t n, uint32_t base, uint8_t **mark, uint64_t *mark_gpa)
 {
+    struct vu_log *dirty = mem->dirty;
     uint32_t done = 0;
 
     for (uint32_t i = 0; i < nsegs && done < n; i++) {
@@ -130,11 +133,15 @@ static uint32_t scatter(const struct vu_mem *mem, const struct vu_seg *segs, uin
         if (mark) {
             for (uint32_t b = 0; b < 2; b++) {
                 uint32_t at = MRG_NUM_BUFFERS_OFF + b;
-                if (at >= base + done && at < base + done + k)
+                if (at >= base + done && at < base + done + k) {
                     mark[b] = dst + (at - base - done);
+                    mark_gpa[b] = mem->regions[segs[i].region].gpa + segs[i].offset + (at - base - done);
+                }
             }
         }
         memcpy(dst, src + done, k);
+        if (dirty)
+            vu_log_range(dirty, mem->regions[segs[i].region].gpa + segs[i].offset, k);
         done += k;
     }
     return done;
@@ -587,6 +594,7 @@ static int deliver_vhost(struct vu_net_switch *sw, struct vu_net_port *d, uint32
 {
     struct vu_used_elem used[RX_BATCH];
     uint8_t *mark[2] = { NULL, NULL };
+    uint64_t mark_gpa[2] = { 0, 0 };
     uint32_t hdr_len = d->hdr_len == 10 ? 10 : VU_NET_HDR_MAX;
     uint8_t *src = frame - hdr_len;
     uint32_t need = hdr_len + len, have = 0, nchains = 0, cap;
@@ -643,7 +651,7 @@ static int deliver_vhost(struct vu_net_switch *sw, struct vu_net_port *d, uint32
         }
         want = c->in_len < need - have ? c->in_len : need - have;
         took = scatter(d->mem, sw->rx_segs + c->first_seg, c->nsegs,
-                       src + have, want, have, hdr_len == VU_NET_HDR_MAX ? mark : NULL);
+                       src + have, want, have, hdr_len == VU_NET_HDR_MAX ? mark : NULL, mark_gpa);
         used[nchains].id = c->head;
         used[nchains].len = took;
         nchains++;
@@ -662,6 +670,10 @@ static int deliver_vhost(struct vu_net_switch *sw, struct vu_net_port *d, uint32
     if (nchains > 1 && mark[0] && mark[1]) {
         *mark[0] = (uint8_t)(nchains & 0xff);
         *mark[1] = (uint8_t)(nchains >> 8);
+        if (d->mem->dirty) {                /* written after scatter marked them: again */
+            vu_log_range(d->mem->dirty, mark_gpa[0], 1);
+            vu_log_range(d->mem->dirty, mark_gpa[1], 1);
+        }
     }
 
     /* All of a frame's buffers go out in one publication. */
