@@ -371,6 +371,24 @@ static void fdb_count(struct vu_net_switch *sw, uint16_t port1, int delta)
         p->learned = (uint32_t)((int64_t)p->learned + delta);
 }
 
+/* Can frames reach port i now?  A vhost port whose receive rings are all
+ * stopped cannot (a migrated guest's old port after GET_VRING_BASE). */
+static int port_receiving(const struct vu_net_switch *sw, uint32_t i)
+{
+    const struct vu_net_port *p = port_at(sw, i);
+    uint32_t nq;
+
+    if (!p || p->kind == VU_NET_PORT_NONE || p->faulted)
+        return 0;
+    if (p->kind != VU_NET_PORT_VHOST)
+        return 1;
+    nq = p->nqp < VU_NET_MAX_QP ? p->nqp : VU_NET_MAX_QP;
+    for (uint32_t q = 0; q < nq; q++)
+        if (p->rx[q] && p->rx[q]->num)
+            return 1;
+    return 0;
+}
+
 /* Learn that `mac` is behind `port` (see net.h: hold-down, learn limit). */
 static void fdb_learn(struct vu_net_switch *sw, const uint8_t *mac, uint32_t port)
 {
@@ -385,7 +403,7 @@ static void fdb_learn(struct vu_net_switch *sw, const uint8_t *mac, uint32_t por
         return;
     }
     if (!sw->force_learn) {
-        if (e && sw->now_ms - e->seen_ms < sw->hold_down_ms) {
+        if (e && sw->now_ms - e->seen_ms < sw->hold_down_ms && port_receiving(sw, e->port - 1u)) {
             p->stats.moves_held++;          /* still alive where it is: do not move it */
             return;
         }
