@@ -187,6 +187,21 @@ async def test_memory_hot_plug_while_logging_replaces_the_log(tmp_path: Path) ->
                 assert check.ok and check.log_only, check
 
 
+async def test_log_fd_is_signalled_after_log_writes(tmp_path: Path) -> None:
+    """SET_LOG_FD: the eventfd is signalled once the log was written."""
+    with trio.fail_after(30):
+        async with pair(tmp_path) as p:
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            try:
+                await p.fa.request(Request.SET_LOG_FD, {}, [efd])
+                async with Migration(p.fa) as m:
+                    await exchange(p.a, p.b, 1)
+                    await trio.lowlevel.wait_readable(efd)
+                    assert os.eventfd_read(efd) >= 1 and m.sync()
+            finally:
+                os.close(efd)
+
+
 @pytest.mark.parametrize("ring_impl", RING_IMPLS)
 async def test_python_device_pushes_are_logged(tmp_path: Path, ring_impl: str) -> None:
     """The rng device writes its buffers in Python: the framework logs the
