@@ -222,7 +222,8 @@ async def boot_guest(qemu: str = "11", kernel: str = "sid", *, memory_mb: int = 
                      timeout: float = 120.0, smp: int = 1,
                      workdir: str | os.PathLike[str] | None = None,
                      keep_workdir: bool | None = None,
-                     shutdown_timeout: float = 20.0) -> AsyncIterator[Guest]:
+                     shutdown_timeout: float = 20.0,
+                     incoming: str | None = None) -> AsyncIterator[Guest]:
     """Boot a guest and yield a :class:`Guest` once its command server answers.
 
     ``qemu``: manifest key ("7.2", "11") or alias ("bookworm", "sid").
@@ -232,6 +233,11 @@ async def boot_guest(qemu: str = "11", kernel: str = "sid", *, memory_mb: int = 
     ``workdir``: directory for sockets and logs (default: a fresh temporary
     directory, removed afterwards unless ``keep_workdir`` or the environment
     variable VUSER_KEEP_GUEST is set).
+    ``incoming``: the destination of a live migration (QEMU's ``-incoming
+    ADDR``, e.g. ``unix:PATH``): QEMU starts and waits for the migration
+    instead of booting; the guest arrives with its command server running,
+    so no greeting is waited for -- send commands once the migration
+    completed (``query-migrate`` on the source, ``query-status`` here).
     """
     qinfo = qemu_info(qemu)
     kinfo = kernel_info(kernel)
@@ -246,7 +252,7 @@ async def boot_guest(qemu: str = "11", kernel: str = "sid", *, memory_mb: int = 
                         console_log=str(wdir / "console.log"),
                         qmp_socket=str(wdir / "qmp.sock"),
                         kernel_cmdline_extra=kernel_cmdline_extra,
-                        extra_args=extra_args, smp=smp)
+                        extra_args=[*extra_args, *(["-incoming", incoming] if incoming else [])], smp=smp)
     guest = Guest(qemu=qinfo, kernel=kinfo, workdir=wdir, argv=argv)
     # Listen before QEMU starts: its chardev connects to us, so nothing the
     # guest says on ttyS1 can be lost before we accept.
@@ -265,10 +271,10 @@ async def boot_guest(qemu: str = "11", kernel: str = "sid", *, memory_mb: int = 
                 sock, _ = await guest._until_exit(listener.accept, "waiting for it to connect")
                 guest._channel = CommandChannel(trio.SocketStream(sock), guard=guest._until_exit,
                                                 diagnostics=guest.diagnostics)
-                release = await guest._channel.wait_ready()
+                release = guest.kernel_version if incoming else await guest._channel.wait_ready()
             if scope.cancelled_caught:
                 raise guest._error(GuestTimeout, f"guest did not boot within {timeout}s")
-            guest.boot_seconds = time.monotonic() - t0
+            guest.boot_seconds = None if incoming else time.monotonic() - t0
             if release != guest.kernel_version:
                 raise guest._error(GuestError, f"guest runs kernel {release}, manifest says "
                                    f"{guest.kernel_version}: {HOW_TO_PROVISION}")

@@ -1,0 +1,234 @@
+"""Live migration of a real guest whose NIC is a vuser port (issue 13).
+
+One ``vuser run net`` with three ports: guest B on port 0, guest A's
+source QEMU on port 1 and its destination QEMU (``-incoming``) on port 2,
+the same device arguments but the chardev's socket.  QEMU 7.2 with
+bookworm's kernel, QEMU 11 with sid's (neither uses a reconnecting
+chardev here).
+
+- B streams 32 MiB over TCP to A while A is live-migrated: the migration
+  completes, the stream ends on the destination with matching md5, A
+  answers pings afterwards and the switch has A's address on port 2.
+  vuser logged into QEMU's dirty log while it lasted (its status).
+- An idle guest migrates the same way.
+- A migration cancelled midway: the source keeps running (it answers
+  pings), vuser's logging is off again.
+
+QEMU reports total time and downtime (``query-migrate``); the test prints
+them (they are figures, not pass/fail criteria).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+
+import pytest
+import trio
+
+from test_net_guest import md5, net_args, ping, set_ip
+from vuser.testing.guest import Guest, boot_guest
+from vuser.testing.poll import wait_until
+from vuser.testing.process import VuserProcess
+
+GUEST_MB = 256
+STREAM_MIB = 32
+MAC_A, MAC_B = "52:54:00:13:00:0a", "52:54:00:13:00:0b"
+IP_A, IP_B = "10.0.13.1", "10.0.13.2"
+PORT = 5013
+SETUPS = [("7.2", "bookworm"), ("11", "sid")]
+
+pytestmark = pytest.mark.guest
+
+
+@asynccontextmanager
+async def booted(qemu: str, kernel: str, specs: Sequence[dict[str, Any]]) -> AsyncIterator[list[Guest]]:
+    """Boot one guest per spec (boot_guest keyword arguments) at once."""
+    found: list[Guest | None] = [None] * len(specs)
+    up, done = trio.Event(), trio.Event()
+
+    async def one(i: int) -> None:
+        async with boot_guest(qemu, kernel, **{"memory_mb": GUEST_MB, **specs[i]}) as g:
+            found[i] = g
+            if all(found):
+                up.set()
+            await done.wait()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(specs)):
+            nursery.start_soon(one, i)
+        await up.wait()
+        try:
+            yield [g for g in found if g is not None]
+        finally:
+            done.set()
+
+
+async def migrate(source: Guest, dest: Guest, uri: str, *, bandwidth: int = 1 << 30) -> dict[str, Any]:
+    """Live-migrate ``source`` to ``dest`` (waiting on ``uri``); query-migrate's
+    final answer once it completed and the destination runs."""
+    await listening(uri)
+    await source.qmp("migrate-set-parameters", **{"max-bandwidth": bandwidth, "downtime-limit": 300})
+    await source.qmp("migrate", uri=uri)
+    info: dict[str, Any] = {}
+
+    async def completed() -> bool:
+        nonlocal info
+        info = await source.qmp("query-migrate")
+        assert info.get("status") not in ("failed", "cancelled"), info
+        return info.get("status") == "completed"
+
+    await wait_until(completed, 120, "the migration to complete", interval=0.2)
+    await wait_until(lambda: _running(dest), 30, "the destination to run", interval=0.2)
+    return info
+
+
+async def listening(uri: str) -> None:
+    """The destination listens on ``unix:PATH`` (it opens it after its chardevs)."""
+    path = Path(uri.removeprefix("unix:"))
+    await wait_until(path.exists, 30, f"the destination to listen on {path}", interval=0.05)
+
+
+async def _running(guest: Guest) -> bool:
+    return bool((await guest.qmp("query-status")).get("status") == "running")
+
+
+def figures(info: dict[str, Any]) -> str:
+    ram = info.get("ram", {})
+    return (f"total {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
+            f"setup {info.get('setup-time')} ms, {ram.get('transferred', 0) >> 20} MiB sent, "
+            f"{ram.get('dirty-sync-count')} dirty syncs")
+
+
+def port_status(status: dict[str, Any], i: int) -> dict[str, Any]:
+    out: dict[str, Any] = status["sockets"][i]
+    return out
+
+
+@asynccontextmanager
+async def three_ports(tmp_path: Path) -> AsyncIterator[tuple[VuserProcess, list[str]]]:
+    socks = [str(tmp_path / f"net{i}.sock") for i in range(3)]
+    async with VuserProcess("net", socks, control=str(tmp_path / "net.ctl"),
+                            log_path=tmp_path / "vuser.log") as vp:
+        yield vp, socks
+        problems = vp.log_problems()
+        assert not problems, "\n".join(problems[:20])
+
+
+async def start_stream(b: Guest, a: Guest) -> str:
+    """B sends STREAM_MIB MiB of random data to A over TCP, in the
+    background (nc on both sides, results in files); the data's md5."""
+    await b.check(f"dd if=/dev/urandom of=/tmp/tx bs=1M count={STREAM_MIB} 2>/dev/null", timeout=90)
+    sent = await md5(b, "/tmp/tx")
+    await a.check(
+        f"rm -f /tmp/rx /tmp/rx.rc; [ -p /tmp/hold ] || mkfifo /tmp/hold; "
+        f"(nc -l -p {PORT} <>/tmp/hold >/tmp/rx 2>/tmp/rx.err; echo $? >/tmp/rx.rc) </dev/null >/dev/null 2>&1 & "
+        f"for i in $(seq 50); do netstat -ltn | grep -q ':{PORT} ' && exit 0; sleep 0.1; done; exit 1")
+    await b.check(f"rm -f /tmp/tx.rc; (nc {IP_A} {PORT} </tmp/tx; echo $? >/tmp/tx.rc) "
+                  "</dev/null >/dev/null 2>&1 &")
+    return sent
+
+
+async def received(a: Guest) -> int:
+    return int((await a.check("stat -c %s /tmp/rx")).stdout)
+
+
+async def stream_done(b: Guest, a: Guest) -> str:
+    """Wait for both ends of the stream; the md5 A received."""
+    await b.check("for i in $(seq 1200); do [ -s /tmp/tx.rc ] && exit 0; sleep 0.1; done; exit 1", timeout=130)
+    assert (await b.check("cat /tmp/tx.rc")).stdout.strip() == "0"
+    await a.check("for i in $(seq 300); do [ -s /tmp/rx.rc ] && exit 0; sleep 0.1; done; exit 1", timeout=40)
+    return await md5(a, "/tmp/rx")
+
+
+@pytest.mark.parametrize("qemu,kernel", SETUPS)
+@pytest.mark.parametrize("traffic", [True, False], ids=["streaming", "idle"])
+async def test_live_migration(qemu: str, kernel: str, traffic: bool, tmp_path: Path) -> None:
+    with trio.fail_after(300):
+        async with three_ports(tmp_path) as (vp, socks):
+            specs = [{"extra_args": net_args(socks[0], MAC_B)}, {"extra_args": net_args(socks[1], MAC_A)}]
+            async with booted(qemu, kernel, specs) as (b, a):
+                await set_ip(b, f"{IP_B}/24")
+                await set_ip(a, f"{IP_A}/24")
+                await ping(b, IP_A)
+                sent = await start_stream(b, a) if traffic else None
+                if traffic:   # the stream is under way before the migration starts
+                    await wait_until(lambda: _grown(a), 30, "A to receive the first MiB", interval=0.2)
+                uri = f"unix:{tmp_path / 'migrate.sock'}"
+                async with boot_guest(qemu, kernel, memory_mb=GUEST_MB, incoming=uri,
+                                      extra_args=net_args(socks[2], MAC_A)) as dest:
+                    info = await migrate(a, dest, uri)
+                    status = await vp.status()
+                    await a.qmp("quit")
+                    # vuser logged while it lasted, on the source's port (an
+                    # idle guest may leave nothing to log).
+                    log1 = port_status(status, 1)["dirty_log"]
+                    assert log1["size"] > 0 and "dirty logging on" in vp.log_text(), log1
+                    assert log1["updates"] > 0 or not traffic, log1
+                    if traffic:
+                        got = await stream_done(b, dest)
+                        assert got == sent
+                        # It went on on the destination's port after the switch-over.
+                        assert (await vp.status())["device_status"]["ports"][2]["rx_bytes"] > 1 << 20
+                    await ping(b, IP_A)
+                    await ping(dest, IP_B)
+                    fdb = {e["mac"]: e["port"] for e in await vp.ctl("fdb")}
+                    assert fdb.get(MAC_A) == 2 and fdb.get(MAC_B) == 0, fdb
+                    ports = (await vp.status())["device_status"]["ports"]
+                    print(f"QEMU {qemu}, {'streaming' if traffic else 'idle'}: {figures(info)}; "
+                          f"vuser's dirty log on port 1: {json.dumps(log1)}; "
+                          f"port 1 drops {ports[1]['drops']}, port 2 rx {ports[2]['rx_packets']}")
+
+
+async def _grown(a: Guest) -> bool:
+    return await received(a) >= 1 << 20
+
+
+@pytest.mark.parametrize("qemu,kernel", SETUPS)
+async def test_cancelled_migration(qemu: str, kernel: str, tmp_path: Path) -> None:
+    """Cancelled midway (slowed down to be midway when the cancel comes):
+    the source runs on, vuser stops logging."""
+    with trio.fail_after(240):
+        async with three_ports(tmp_path) as (vp, socks):
+            specs = [{"extra_args": net_args(socks[0], MAC_B)}, {"extra_args": net_args(socks[1], MAC_A)}]
+            async with booted(qemu, kernel, specs) as (b, a):
+                await set_ip(b, f"{IP_B}/24")
+                await set_ip(a, f"{IP_A}/24")
+                await ping(b, IP_A)
+                uri = f"unix:{tmp_path / 'migrate.sock'}"
+                async with boot_guest(qemu, kernel, memory_mb=GUEST_MB, incoming=uri,
+                                      extra_args=net_args(socks[2], MAC_A)):
+                    await listening(uri)
+                    await a.qmp("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
+                    await a.qmp("migrate", uri=uri)
+
+                    async def logging_on() -> bool:
+                        return bool(port_status(await vp.status(), 1)["dirty_log"]["logging"])
+
+                    await wait_until(logging_on, 30, "vuser to log for the migration", interval=0.2)
+                    await ping(b, IP_A, count=3)      # traffic while logging
+                    during = port_status(await vp.status(), 1)["dirty_log"]
+                    info = await a.qmp("query-migrate")
+                    assert info["status"] == "active", info
+                    await a.qmp("migrate_cancel")
+
+                    async def cancelled() -> bool:
+                        return bool((await a.qmp("query-migrate")).get("status") == "cancelled")
+
+                    await wait_until(cancelled, 30, "the migration to be cancelled", interval=0.2)
+                    await wait_until(lambda: _not_logging(vp), 30, "vuser to stop logging", interval=0.2)
+                    assert await _running(a)
+                    await ping(b, IP_A)
+                    await ping(a, IP_B)
+                    after = port_status(await vp.status(), 1)
+                    assert after["connected"] and after["dirty_log"]["updates"] >= during["updates"] > 0
+                    fdb = {e["mac"]: e["port"] for e in await vp.ctl("fdb")}
+                    assert fdb.get(MAC_A) == 1, fdb
+                    print(f"QEMU {qemu}: cancelled at {info.get('ram', {}).get('transferred', 0) >> 20} MiB; "
+                          f"vuser's dirty log on port 1 during: {json.dumps(during)}")
+
+
+async def _not_logging(vp: VuserProcess) -> bool:
+    return not port_status(await vp.status(), 1)["dirty_log"]["logging"]
