@@ -73,6 +73,9 @@ def _add_run(sub: Any, parent: Parser, plugins: dict[str, DevicePlugin[Any]]) ->
         p.add_argument("--no-ring-state", action="store_true",
                        help="do not keep packed ring state in SOCKET.rings (without it a restarted vuser "
                             "cannot resume packed rings under a reconnecting QEMU)")
+        p.add_argument("--force-dirty-log", action="store_true",
+                       help="log every write to guest memory into a private dirty log, as if the front-end "
+                            "were migrating the guest (to measure what logging costs)")
         plugin.add_arguments(p)
         p.set_defaults(func=cmd_run, plugin=plugin)
 
@@ -83,7 +86,8 @@ async def _serve(plugin: DevicePlugin[Any], devices: list[Any], args: argparse.N
 
     peers = {os.getuid(), 0, *args.allow_peer_uid}
     runners = [Runner(dev, path, client=args.client, ring_impl=args.ring, plugin=plugin, peer_uids=sorted(peers),
-                      ring_state=None if args.no_ring_state else default_ring_state_path(path))
+                      ring_state=None if args.no_ring_state else default_ring_state_path(path),
+                      force_dirty_log=args.force_dirty_log)
                for dev, path in zip(devices, args.socket)]
     group = RunnerGroup(runners, control_path=args.control, background=plugin.background(devices), plugin=plugin)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -18,7 +18,10 @@ for data paths, to each ring whose SET_VRING_ADDR carried VHOST_VRING_F_LOG
 -- while the accepted features hold VHOST_F_LOG_ALL, and unhooked when they
 do not; ``_sync_log`` does it after every event that changes one of those
 (push: C data paths are told, nothing is re-read per frame).  Toggling
-LOG_ALL or the ring flag never restarts a ring.
+LOG_ALL or the ring flag never restarts a ring.  ``force_dirty_log``
+(``vuser run --force-dirty-log``, for benchmarks): a private log sized to
+each memory table, every ring logging at its own used area, whatever the
+front-end says.
 
 Resource handling: the fds in an event belong to the handler from
 ``apply`` on: queue fds go to their slot, region fds to the memory, the
@@ -38,7 +41,7 @@ from . import events as E
 from . import wire
 from .backend_channel import BackendChannelSender
 from .device import Device
-from .dirtylog import DirtyLog
+from .dirtylog import LOG_PAGE, DirtyLog
 from .fds import FdKindError, require_eventfd, require_unix_stream, signal_eventfd
 from .handles import QueueHandle, RawQueue
 from .memory import GuestMemory, MemoryAccessError, RegionSpec
@@ -68,12 +71,13 @@ class Handler:
 
     def __init__(self, device: Device, session: Session, *, ring_impl: str = "native",
                  ring_state: RingStateFile | None = None,
-                 name: str = "vhost-user") -> None:
+                 name: str = "vhost-user", force_dirty_log: bool = False) -> None:
         self.device = device
         self.session = session
         self.name = name
         self.memory = GuestMemory()
         self.dirty_log = DirtyLog(self.memory.owner)
+        self.force_dirty_log = force_dirty_log
         self.log_call = FdSlot()  # SET_LOG_FD's eventfd
         self._log_call_task = False
         self.runtime = QueueRuntime(self.memory, device.max_queues, round=self._round, on_fault=self._fault,
@@ -342,6 +346,9 @@ class Handler:
         for slot in running:
             self._configure(slot, req)
             self.runtime.spawn(slot)
+        if self.force_dirty_log and self.memory.regions:
+            self._private_log()
+            self._sync_log()
         if self.runtime.ring_impl == "python" and not all(r.sealed for r in self.memory.regions):
             log.warning("%s: guest memory that cannot be sealed, with the pure-Python ring (--ring python): "
                         "a truncation of it would end the process", self.name)
@@ -364,7 +371,16 @@ class Handler:
     @property
     def logging(self) -> bool:
         """Is the front-end logging (VHOST_F_LOG_ALL accepted, a log mapped)?"""
-        return self.dirty_log.mapped and bool((self.session.accepted_features or 0) & LOG_ALL)
+        return self.dirty_log.mapped and (self.force_dirty_log or
+                                          bool((self.session.accepted_features or 0) & LOG_ALL))
+
+    def _private_log(self) -> None:
+        """``force_dirty_log``: a log of our own covering the memory table."""
+        top = max(r.end for r in self.memory.regions)
+        size = (top - 1) // (LOG_PAGE * 8) + 1
+        fd = os.memfd_create("vuser-dirty-log", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, size)
+        self.dirty_log.replace(fd, size, 0)
 
     def _sync_log(self) -> None:
         """Hook the dirty log up where it is due, unhook it elsewhere (see
@@ -379,6 +395,8 @@ class Handler:
             addr = slot.addr
             if log_ is not None and addr is not None and addr.flags & wire.VRING_F_LOG:
                 slot.vq.set_log(log_, addr.log)
+            elif log_ is not None and addr is not None and self.force_dirty_log:
+                slot.vq.set_log(log_, self.memory.uva_to_gpa(addr.used, 1))
             else:
                 slot.vq.set_log(None)
 

@@ -24,13 +24,15 @@ import trio
 
 from conftest import RING_IMPLS, check_rng_data, served, submit_mixed, wait_until
 from test_net_harness import MAC_A, MAC_B, net_group, port_stats
-from vuser.devices.net import NetSwitch
+from vuser.devices.net import NetDevice, NetSwitch
 from vuser.frontend import Driver, Frontend
 from vuser.frontend.migration import Migration, log_size
 from vuser.frontend.netdriver import BCAST, NetGuest, eth
 from vuser.frontend.netdriver import net_frontend as connect
 from vuser.frontend.netdriver import net_probe as probe
 from vuser.memory import GuestMemory
+from vuser.runner import Runner
+from vuser.wire import ProtocolFeature as PF
 from vuser.wire import Request
 
 ffi = pytest.importorskip("vuser._native").ffi
@@ -222,6 +224,39 @@ async def test_python_device_pushes_are_logged(tmp_path: Path, ring_impl: str) -
                     check = m.check()
                     assert check.ok, check
                     assert len(check.log_only) > 4, check
+
+
+@pytest.mark.parametrize("device", ["rng", "net"])
+async def test_forced_dirty_log_for_benchmarks(tmp_path: Path, device: str) -> None:
+    """``vuser run --force-dirty-log``: a front-end that never migrates
+    (DPDK's virtio_user has no LOG_SHMFD) still gets every write logged, into
+    a private log -- what ``scripts/bench-net --dirty-log`` measures."""
+    sock = str(tmp_path / "dev.sock")
+    dev = RngDevice() if device == "rng" else NetDevice(switch=NetSwitch(mode="reflect"))
+    runner = Runner(dev, sock, force_dirty_log=True)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runner.run)
+            async with Frontend.connect(sock, personality="dpdk", memory_mb=8, num_queues=1 if device == "rng"
+                                        else 2) as fe:
+                assert not fe.has_protocol_feature(PF.LOG_SHMFD)
+                if device == "rng":
+                    drv = Driver(fe)
+                    await drv.probe()
+                    q = drv.queue(0)
+                    added = submit_mixed(q)
+                    q.kick()
+                    check_rng_data(added, await q.wait_used(len(added), timeout=10))
+                else:
+                    g = await probe(fe)
+                    g.fill_rx()
+                    frames = [eth(MAC_B, MAC_A, os.urandom(1000)) for _ in range(8)]
+                    for f in frames:
+                        g.send(f)
+                    assert len(await g.recv(len(frames))) == len(frames)
+                log = runner.status()["dirty_log"]
+                assert log["logging"] and log["updates"] >= 8 and log["outside"] == 0, log
+            nursery.cancel_scope.cancel()
 
 
 # ---------------------------------------------------------------- negative control
