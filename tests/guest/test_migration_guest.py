@@ -6,10 +6,12 @@ the same device arguments but the chardev's socket.  QEMU 7.2 with
 bookworm's kernel, QEMU 11 with sid's (neither uses a reconnecting
 chardev here).
 
-- B streams 32 MiB over TCP to A while A is live-migrated: the migration
-  completes, the stream ends on the destination with matching md5, A
-  answers pings afterwards and the switch has A's address on port 2.
-  vuser logged into QEMU's dirty log while it lasted (its status).
+- B streams 32 MiB over TCP to A while A is live-migrated (the last
+  quarter is held back until the switch-over, so the stream is sure to
+  span it): the migration completes, the stream ends on the destination
+  with matching md5 (more than a MiB of it through port 2), A answers pings
+  afterwards and the switch has A's address on port 2.  vuser logged into
+  QEMU's dirty log while it lasted (its status).
 - An idle guest migrates the same way.
 - A migration cancelled midway: the source keeps running (it answers
   pings), vuser's logging is off again.
@@ -119,15 +121,23 @@ async def three_ports(tmp_path: Path) -> AsyncIterator[tuple[VuserProcess, list[
 
 async def start_stream(b: Guest, a: Guest) -> str:
     """B sends STREAM_MIB MiB of random data to A over TCP, in the
-    background (nc on both sides, results in files); the data's md5."""
+    background (nc on both sides, results in files); the data's md5.
+
+    A MiB at a time, at most about 20 a second, and the last quarter only
+    once /tmp/go exists in B (``finish_stream``, after the switch-over): the
+    stream flows while the migration starts, and goes on on the
+    destination whatever the migration takes."""
     await b.check(f"dd if=/dev/urandom of=/tmp/tx bs=1M count={STREAM_MIB} 2>/dev/null", timeout=90)
     sent = await md5(b, "/tmp/tx")
     await a.check(
         f"rm -f /tmp/rx /tmp/rx.rc; [ -p /tmp/hold ] || mkfifo /tmp/hold; "
         f"(nc -l -p {PORT} <>/tmp/hold >/tmp/rx 2>/tmp/rx.err; echo $? >/tmp/rx.rc) </dev/null >/dev/null 2>&1 & "
         f"for i in $(seq 50); do netstat -ltn | grep -q ':{PORT} ' && exit 0; sleep 0.1; done; exit 1")
-    await b.check(f"rm -f /tmp/tx.rc; (nc {IP_A} {PORT} </tmp/tx; echo $? >/tmp/tx.rc) "
-                  "</dev/null >/dev/null 2>&1 &")
+    hold = STREAM_MIB * 3 // 4
+    await b.check(f"rm -f /tmp/tx.rc /tmp/go; ((i=0; while [ $i -lt {STREAM_MIB} ]; do "
+                  f"[ $i -ge {hold} ] && while [ ! -e /tmp/go ]; do sleep 0.1; done; "
+                  "dd if=/tmp/tx bs=1M skip=$i count=1 2>/dev/null; i=$((i+1)); sleep 0.05; done) "
+                  f"| nc {IP_A} {PORT}; echo $? >/tmp/tx.rc) </dev/null >/dev/null 2>&1 &")
     return sent
 
 
@@ -136,7 +146,8 @@ async def received(a: Guest) -> int:
 
 
 async def stream_done(b: Guest, a: Guest) -> str:
-    """Wait for both ends of the stream; the md5 A received."""
+    """Let the stream's last quarter go, wait for both ends; the md5 A received."""
+    await b.check("touch /tmp/go")
     await b.check("for i in $(seq 1200); do [ -s /tmp/tx.rc ] && exit 0; sleep 0.1; done; exit 1", timeout=130)
     assert (await b.check("cat /tmp/tx.rc")).stdout.strip() == "0"
     await a.check("for i in $(seq 300); do [ -s /tmp/rx.rc ] && exit 0; sleep 0.1; done; exit 1", timeout=40)
