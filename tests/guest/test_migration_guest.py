@@ -30,7 +30,7 @@ from typing import Any, AsyncIterator, Sequence
 import pytest
 import trio
 
-from test_net_guest import md5, net_args, ping, set_ip
+from test_net_guest import guests, md5, nc_listen, net_args, ping, set_ip
 from vuser.testing.guest import Guest, boot_guest
 from vuser.testing.poll import wait_until
 from vuser.testing.process import VuserProcess
@@ -43,29 +43,6 @@ PORT = 5013
 SETUPS = [("7.2", "bookworm"), ("11", "sid")]
 
 pytestmark = pytest.mark.guest
-
-
-@asynccontextmanager
-async def booted(qemu: str, kernel: str, specs: Sequence[dict[str, Any]]) -> AsyncIterator[list[Guest]]:
-    """Boot one guest per spec (boot_guest keyword arguments) at once."""
-    found: list[Guest | None] = [None] * len(specs)
-    up, done = trio.Event(), trio.Event()
-
-    async def one(i: int) -> None:
-        async with boot_guest(qemu, kernel, **{"memory_mb": GUEST_MB, **specs[i]}) as g:
-            found[i] = g
-            if all(found):
-                up.set()
-            await done.wait()
-
-    async with trio.open_nursery() as nursery:
-        for i in range(len(specs)):
-            nursery.start_soon(one, i)
-        await up.wait()
-        try:
-            yield [g for g in found if g is not None]
-        finally:
-            done.set()
 
 
 async def migrate(source: Guest, dest: Guest, uri: str, *, bandwidth: int = 1 << 30) -> dict[str, Any]:
@@ -110,11 +87,18 @@ def port_status(status: dict[str, Any], i: int) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def three_ports(tmp_path: Path) -> AsyncIterator[tuple[VuserProcess, list[str]]]:
+async def a_and_b(tmp_path: Path, qemu: str, kernel: str) -> AsyncIterator[tuple[VuserProcess, list[str], Guest, Guest]]:
+    """``vuser run net`` with three sockets, guest B on port 0 and A's
+    source on port 1, addressed and pinging each other."""
     socks = [str(tmp_path / f"net{i}.sock") for i in range(3)]
     async with VuserProcess("net", socks, control=str(tmp_path / "net.ctl"),
                             log_path=tmp_path / "vuser.log") as vp:
-        yield vp, socks
+        specs = [{"extra_args": net_args(socks[0], MAC_B)}, {"extra_args": net_args(socks[1], MAC_A)}]
+        async with guests(kernel, specs, qemu=qemu) as (b, a):
+            await set_ip(b, f"{IP_B}/24")
+            await set_ip(a, f"{IP_A}/24")
+            await ping(b, IP_A)
+            yield vp, socks, b, a
         problems = vp.log_problems()
         assert not problems, "\n".join(problems[:20])
 
@@ -124,15 +108,12 @@ async def start_stream(b: Guest, a: Guest) -> str:
     background (nc on both sides, results in files); the data's md5.
 
     A MiB at a time, at most about 20 a second, and the last quarter only
-    once /tmp/go exists in B (``finish_stream``, after the switch-over): the
+    once /tmp/go exists in B (``stream_done``, after the switch-over): the
     stream flows while the migration starts, and goes on on the
     destination whatever the migration takes."""
     await b.check(f"dd if=/dev/urandom of=/tmp/tx bs=1M count={STREAM_MIB} 2>/dev/null", timeout=90)
     sent = await md5(b, "/tmp/tx")
-    await a.check(
-        f"rm -f /tmp/rx /tmp/rx.rc; [ -p /tmp/hold ] || mkfifo /tmp/hold; "
-        f"(nc -l -p {PORT} <>/tmp/hold >/tmp/rx 2>/tmp/rx.err; echo $? >/tmp/rx.rc) </dev/null >/dev/null 2>&1 & "
-        f"for i in $(seq 50); do netstat -ltn | grep -q ':{PORT} ' && exit 0; sleep 0.1; done; exit 1")
+    await nc_listen(a, PORT)
     hold = STREAM_MIB * 3 // 4
     await b.check(f"rm -f /tmp/tx.rc /tmp/go; ((i=0; while [ $i -lt {STREAM_MIB} ]; do "
                   f"[ $i -ge {hold} ] && while [ ! -e /tmp/go ]; do sleep 0.1; done; "
@@ -158,39 +139,34 @@ async def stream_done(b: Guest, a: Guest) -> str:
 @pytest.mark.parametrize("traffic", [True, False], ids=["streaming", "idle"])
 async def test_live_migration(qemu: str, kernel: str, traffic: bool, tmp_path: Path) -> None:
     with trio.fail_after(300):
-        async with three_ports(tmp_path) as (vp, socks):
-            specs = [{"extra_args": net_args(socks[0], MAC_B)}, {"extra_args": net_args(socks[1], MAC_A)}]
-            async with booted(qemu, kernel, specs) as (b, a):
-                await set_ip(b, f"{IP_B}/24")
-                await set_ip(a, f"{IP_A}/24")
+        async with a_and_b(tmp_path, qemu, kernel) as (vp, socks, b, a):
+            sent = await start_stream(b, a) if traffic else None
+            if traffic:   # the stream is under way before the migration starts
+                await wait_until(lambda: _grown(a), 30, "A to receive the first MiB", interval=0.2)
+            uri = f"unix:{tmp_path / 'migrate.sock'}"
+            async with boot_guest(qemu, kernel, memory_mb=GUEST_MB, incoming=uri,
+                                  extra_args=net_args(socks[2], MAC_A)) as dest:
+                info = await migrate(a, dest, uri)
+                status = await vp.status()
+                await a.qmp("quit")
+                # vuser logged while it lasted, on the source's port (an
+                # idle guest may leave nothing to log).
+                log1 = port_status(status, 1)["dirty_log"]
+                assert log1["size"] > 0 and "dirty logging on" in vp.log_text(), log1
+                assert log1["updates"] > 0 or not traffic, log1
+                if traffic:
+                    got = await stream_done(b, dest)
+                    assert got == sent
+                    # It went on on the destination's port after the switch-over.
+                    assert (await vp.status())["device_status"]["ports"][2]["rx_bytes"] > 1 << 20
                 await ping(b, IP_A)
-                sent = await start_stream(b, a) if traffic else None
-                if traffic:   # the stream is under way before the migration starts
-                    await wait_until(lambda: _grown(a), 30, "A to receive the first MiB", interval=0.2)
-                uri = f"unix:{tmp_path / 'migrate.sock'}"
-                async with boot_guest(qemu, kernel, memory_mb=GUEST_MB, incoming=uri,
-                                      extra_args=net_args(socks[2], MAC_A)) as dest:
-                    info = await migrate(a, dest, uri)
-                    status = await vp.status()
-                    await a.qmp("quit")
-                    # vuser logged while it lasted, on the source's port (an
-                    # idle guest may leave nothing to log).
-                    log1 = port_status(status, 1)["dirty_log"]
-                    assert log1["size"] > 0 and "dirty logging on" in vp.log_text(), log1
-                    assert log1["updates"] > 0 or not traffic, log1
-                    if traffic:
-                        got = await stream_done(b, dest)
-                        assert got == sent
-                        # It went on on the destination's port after the switch-over.
-                        assert (await vp.status())["device_status"]["ports"][2]["rx_bytes"] > 1 << 20
-                    await ping(b, IP_A)
-                    await ping(dest, IP_B)
-                    fdb = {e["mac"]: e["port"] for e in await vp.ctl("fdb")}
-                    assert fdb.get(MAC_A) == 2 and fdb.get(MAC_B) == 0, fdb
-                    ports = (await vp.status())["device_status"]["ports"]
-                    print(f"QEMU {qemu}, {'streaming' if traffic else 'idle'}: {figures(info)}; "
-                          f"vuser's dirty log on port 1: {json.dumps(log1)}; "
-                          f"port 1 drops {ports[1]['drops']}, port 2 rx {ports[2]['rx_packets']}")
+                await ping(dest, IP_B)
+                fdb = {e["mac"]: e["port"] for e in await vp.ctl("fdb")}
+                assert fdb.get(MAC_A) == 2 and fdb.get(MAC_B) == 0, fdb
+                ports = (await vp.status())["device_status"]["ports"]
+                print(f"QEMU {qemu}, {'streaming' if traffic else 'idle'}: {figures(info)}; "
+                      f"vuser's dirty log on port 1: {json.dumps(log1)}; "
+                      f"port 1 drops {ports[1]['drops']}, port 2 rx {ports[2]['rx_packets']}")
 
 
 async def _grown(a: Guest) -> bool:
@@ -202,43 +178,38 @@ async def test_cancelled_migration(qemu: str, kernel: str, tmp_path: Path) -> No
     """Cancelled midway (slowed down to be midway when the cancel comes):
     the source runs on, vuser stops logging."""
     with trio.fail_after(240):
-        async with three_ports(tmp_path) as (vp, socks):
-            specs = [{"extra_args": net_args(socks[0], MAC_B)}, {"extra_args": net_args(socks[1], MAC_A)}]
-            async with booted(qemu, kernel, specs) as (b, a):
-                await set_ip(b, f"{IP_B}/24")
-                await set_ip(a, f"{IP_A}/24")
+        async with a_and_b(tmp_path, qemu, kernel) as (vp, socks, b, a):
+            uri = f"unix:{tmp_path / 'migrate.sock'}"
+            async with boot_guest(qemu, kernel, memory_mb=GUEST_MB, incoming=uri,
+                                  extra_args=net_args(socks[2], MAC_A)):
+                await listening(uri)
+                await a.qmp("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
+                await a.qmp("migrate", uri=uri)
+
+                async def logging_on() -> bool:
+                    return bool(port_status(await vp.status(), 1)["dirty_log"]["logging"])
+
+                await wait_until(logging_on, 30, "vuser to log for the migration", interval=0.2)
+                await ping(b, IP_A, count=3)      # traffic while logging
+                during = port_status(await vp.status(), 1)["dirty_log"]
+                info = await a.qmp("query-migrate")
+                assert info["status"] == "active", info
+                await a.qmp("migrate_cancel")
+
+                async def cancelled() -> bool:
+                    return bool((await a.qmp("query-migrate")).get("status") == "cancelled")
+
+                await wait_until(cancelled, 30, "the migration to be cancelled", interval=0.2)
+                await wait_until(lambda: _not_logging(vp), 30, "vuser to stop logging", interval=0.2)
+                assert await _running(a)
                 await ping(b, IP_A)
-                uri = f"unix:{tmp_path / 'migrate.sock'}"
-                async with boot_guest(qemu, kernel, memory_mb=GUEST_MB, incoming=uri,
-                                      extra_args=net_args(socks[2], MAC_A)):
-                    await listening(uri)
-                    await a.qmp("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
-                    await a.qmp("migrate", uri=uri)
-
-                    async def logging_on() -> bool:
-                        return bool(port_status(await vp.status(), 1)["dirty_log"]["logging"])
-
-                    await wait_until(logging_on, 30, "vuser to log for the migration", interval=0.2)
-                    await ping(b, IP_A, count=3)      # traffic while logging
-                    during = port_status(await vp.status(), 1)["dirty_log"]
-                    info = await a.qmp("query-migrate")
-                    assert info["status"] == "active", info
-                    await a.qmp("migrate_cancel")
-
-                    async def cancelled() -> bool:
-                        return bool((await a.qmp("query-migrate")).get("status") == "cancelled")
-
-                    await wait_until(cancelled, 30, "the migration to be cancelled", interval=0.2)
-                    await wait_until(lambda: _not_logging(vp), 30, "vuser to stop logging", interval=0.2)
-                    assert await _running(a)
-                    await ping(b, IP_A)
-                    await ping(a, IP_B)
-                    after = port_status(await vp.status(), 1)
-                    assert after["connected"] and after["dirty_log"]["updates"] >= during["updates"] > 0
-                    fdb = {e["mac"]: e["port"] for e in await vp.ctl("fdb")}
-                    assert fdb.get(MAC_A) == 1, fdb
-                    print(f"QEMU {qemu}: cancelled at {info.get('ram', {}).get('transferred', 0) >> 20} MiB; "
-                          f"vuser's dirty log on port 1 during: {json.dumps(during)}")
+                await ping(a, IP_B)
+                after = port_status(await vp.status(), 1)
+                assert after["connected"] and after["dirty_log"]["updates"] >= during["updates"] > 0
+                fdb = {e["mac"]: e["port"] for e in await vp.ctl("fdb")}
+                assert fdb.get(MAC_A) == 1, fdb
+                print(f"QEMU {qemu}: cancelled at {info.get('ram', {}).get('transferred', 0) >> 20} MiB; "
+                      f"vuser's dirty log on port 1 during: {json.dumps(during)}")
 
 
 async def _not_logging(vp: VuserProcess) -> bool:

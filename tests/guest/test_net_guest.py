@@ -123,14 +123,14 @@ def net_args(sock: str, mac: str, *, queues: int = 1, reconnect: int | None = No
 
 
 @asynccontextmanager
-async def guests(kernel: str, specs: Sequence[dict[str, Any]]) -> AsyncIterator[list[Guest]]:
+async def guests(kernel: str, specs: Sequence[dict[str, Any]], qemu: str = QEMU) -> AsyncIterator[list[Guest]]:
     """Boot one guest per spec (boot_guest keyword arguments) at the same
     time; all are powered off on the way out."""
     booted: list[Guest | None] = [None] * len(specs)
     all_up, done = trio.Event(), trio.Event()
 
     async def one(i: int) -> None:
-        async with boot_guest(QEMU, kernel, **{"memory_mb": GUEST_MB, **specs[i]}) as g:
+        async with boot_guest(qemu, kernel, **{"memory_mb": GUEST_MB, **specs[i]}) as g:
             booted[i] = g
             if all(booted):
                 all_up.set()
@@ -184,18 +184,24 @@ async def md5(guest: Guest, path: str) -> str:
     return (await guest.check(f"md5sum {path}")).stdout.split()[0]
 
 
-async def nc_transfer(sender: Guest, receiver: Guest, receiver_ip: str, *, mib: int = TRANSFER_MIB,
-                      port: int = 5000) -> tuple[float, str, str]:
-    """``mib`` MiB of random data from ``sender`` to ``receiver`` over TCP
-    (busybox nc); returns the sender's seconds and both md5 sums."""
-    await sender.check(f"dd if=/dev/urandom of=/tmp/tx bs=1M count={mib} 2>/dev/null", timeout=60)
-    sent_md5 = await md5(sender, "/tmp/tx")
+async def nc_listen(receiver: Guest, port: int) -> None:
+    """nc listening on ``port`` in the background: what it receives goes to
+    /tmp/rx, its exit status to /tmp/rx.rc."""
     # busybox nc quits at EOF on its stdin: the listener's stdin is a FIFO
     # opened read-write, which never ends; it quits when the sender closes.
     await receiver.check(
         f"rm -f /tmp/rx /tmp/rx.rc; [ -p /tmp/hold ] || mkfifo /tmp/hold; "
         f"(nc -l -p {port} <>/tmp/hold >/tmp/rx 2>/tmp/rx.err; echo $? >/tmp/rx.rc) </dev/null >/dev/null 2>&1 & "
         f"for i in $(seq 50); do netstat -ltn | grep -q ':{port} ' && exit 0; sleep 0.1; done; exit 1")
+
+
+async def nc_transfer(sender: Guest, receiver: Guest, receiver_ip: str, *, mib: int = TRANSFER_MIB,
+                      port: int = 5000) -> tuple[float, str, str]:
+    """``mib`` MiB of random data from ``sender`` to ``receiver`` over TCP
+    (busybox nc); returns the sender's seconds and both md5 sums."""
+    await sender.check(f"dd if=/dev/urandom of=/tmp/tx bs=1M count={mib} 2>/dev/null", timeout=60)
+    sent_md5 = await md5(sender, "/tmp/tx")
+    await nc_listen(receiver, port)
     r = await sender.check(f"t0=$(cut -d' ' -f1 /proc/uptime); nc {receiver_ip} {port} </tmp/tx; rc=$?; "
                            "t1=$(cut -d' ' -f1 /proc/uptime); echo $rc $t0 $t1", timeout=120)
     rc, t0, t1 = r.stdout.split()

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 import pytest
 import trio
 
-from conftest import RING_IMPLS, check_rng_data, served, submit_mixed, wait_until
+from conftest import RING_IMPLS, check_rng_data, probe_and_serve, served, submit_mixed, wait_until
 from test_net_harness import MAC_A, MAC_B, net_group, port_stats
 from vuser.devices.net import NetDevice, NetSwitch
 from vuser.frontend import Driver, Frontend
@@ -241,12 +241,7 @@ async def test_forced_dirty_log_for_benchmarks(tmp_path: Path, device: str) -> N
                                         else 2) as fe:
                 assert not fe.has_protocol_feature(PF.LOG_SHMFD)
                 if device == "rng":
-                    drv = Driver(fe)
-                    await drv.probe()
-                    q = drv.queue(0)
-                    added = submit_mixed(q)
-                    q.kick()
-                    check_rng_data(added, await q.wait_used(len(added), timeout=10))
+                    await probe_and_serve(fe, chains=8)
                 else:
                     g = await probe(fe)
                     g.fill_rx()
