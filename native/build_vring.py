@@ -11,9 +11,10 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent  # native/; its parent is the project root
-# guard.h: the SIGBUS guard; vring.h: split and packed rings; impair.h:
-# network impairment; net.h: the virtio-net data path.
-HEADERS = ("guard.h", "vring.h", "impair.h", "net.h")
+# guard.h: the SIGBUS guard; log.h: the dirty page log; vring.h: split
+# and packed rings; impair.h: network impairment; net.h: the virtio-net
+# data path.
+HEADERS = ("guard.h", "log.h", "vring.h", "impair.h", "net.h")
 
 ffibuilder = FFI()
 for name in HEADERS:
@@ -24,7 +25,8 @@ ffibuilder.set_source(
     # Relative to the project root: setuptools runs from there, and
     # compile() below switches to it (an absolute path would put the
     # object file under build/<absolute path>/).
-    sources=["native/guard.c", "native/vring.c", "native/vring_packed.c", "native/impair.c", "native/net.c"],
+    sources=["native/guard.c", "native/log.c", "native/vring.c", "native/vring_packed.c", "native/impair.c",
+             "native/net.c"],
     libraries=["m"],
     include_dirs=[str(HERE)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror"],

@@ -108,13 +108,16 @@ static uint32_t gather(const struct vu_mem *mem, const struct vu_seg *segs, uint
 /*
  * Write n bytes of src into the device-writable segments of a chain.  The
  * bytes are at offset `base` of the frame being delivered (header
- * included); if mark is not NULL, the host addresses where frame bytes
- * MRG_NUM_BUFFERS_OFF and +1 land are stored there (to patch num_buffers
- * once the number of buffers is known; a header may span buffers).
+ * included); if mark is not NULL, the host and guest-physical addresses
+ * where frame bytes MRG_NUM_BUFFERS_OFF and +1 land are stored in mark and
+ * mark_gpa (to patch num_buffers once the number of buffers is known; a
+ * header may span buffers).  While the memory's dirty log is on, every
+ * piece written is marked in it (log.h).
  */
 static uint32_t scatter(const struct vu_mem *mem, const struct vu_seg *segs, uint32_t nsegs,
-                        const uint8_t *src, uint32_t n, uint32_t base, uint8_t **mark)
+                        const uint8_t *src, uint32_t n, uint32_t base, uint8_t **mark, uint64_t *mark_gpa)
 {
+    struct vu_log *dirty = mem->dirty;
     uint32_t done = 0;
 
     for (uint32_t i = 0; i < nsegs && done < n; i++) {
@@ -130,11 +133,15 @@ static uint32_t scatter(const struct vu_mem *mem, const struct vu_seg *segs, uin
         if (mark) {
             for (uint32_t b = 0; b < 2; b++) {
                 uint32_t at = MRG_NUM_BUFFERS_OFF + b;
-                if (at >= base + done && at < base + done + k)
+                if (at >= base + done && at < base + done + k) {
                     mark[b] = dst + (at - base - done);
+                    mark_gpa[b] = mem->regions[segs[i].region].gpa + segs[i].offset + (at - base - done);
+                }
             }
         }
         memcpy(dst, src + done, k);
+        if (dirty)
+            vu_log_range(dirty, mem->regions[segs[i].region].gpa + segs[i].offset, k);
         done += k;
     }
     return done;
@@ -364,6 +371,24 @@ static void fdb_count(struct vu_net_switch *sw, uint16_t port1, int delta)
         p->learned = (uint32_t)((int64_t)p->learned + delta);
 }
 
+/* Can frames reach port i now?  A vhost port whose receive rings are all
+ * stopped cannot (a migrated guest's old port after GET_VRING_BASE). */
+static int port_receiving(const struct vu_net_switch *sw, uint32_t i)
+{
+    const struct vu_net_port *p = port_at(sw, i);
+    uint32_t nq;
+
+    if (!p || p->kind == VU_NET_PORT_NONE || p->faulted)
+        return 0;
+    if (p->kind != VU_NET_PORT_VHOST)
+        return 1;
+    nq = p->nqp < VU_NET_MAX_QP ? p->nqp : VU_NET_MAX_QP;
+    for (uint32_t q = 0; q < nq; q++)
+        if (p->rx[q] && p->rx[q]->num)
+            return 1;
+    return 0;
+}
+
 /* Learn that `mac` is behind `port` (see net.h: hold-down, learn limit). */
 static void fdb_learn(struct vu_net_switch *sw, const uint8_t *mac, uint32_t port)
 {
@@ -378,7 +403,7 @@ static void fdb_learn(struct vu_net_switch *sw, const uint8_t *mac, uint32_t por
         return;
     }
     if (!sw->force_learn) {
-        if (e && sw->now_ms - e->seen_ms < sw->hold_down_ms) {
+        if (e && sw->now_ms - e->seen_ms < sw->hold_down_ms && port_receiving(sw, e->port - 1u)) {
             p->stats.moves_held++;          /* still alive where it is: do not move it */
             return;
         }
@@ -587,6 +612,7 @@ static int deliver_vhost(struct vu_net_switch *sw, struct vu_net_port *d, uint32
 {
     struct vu_used_elem used[RX_BATCH];
     uint8_t *mark[2] = { NULL, NULL };
+    uint64_t mark_gpa[2] = { 0, 0 };
     uint32_t hdr_len = d->hdr_len == 10 ? 10 : VU_NET_HDR_MAX;
     uint8_t *src = frame - hdr_len;
     uint32_t need = hdr_len + len, have = 0, nchains = 0, cap;
@@ -643,7 +669,7 @@ static int deliver_vhost(struct vu_net_switch *sw, struct vu_net_port *d, uint32
         }
         want = c->in_len < need - have ? c->in_len : need - have;
         took = scatter(d->mem, sw->rx_segs + c->first_seg, c->nsegs,
-                       src + have, want, have, hdr_len == VU_NET_HDR_MAX ? mark : NULL);
+                       src + have, want, have, hdr_len == VU_NET_HDR_MAX ? mark : NULL, mark_gpa);
         used[nchains].id = c->head;
         used[nchains].len = took;
         nchains++;
@@ -662,6 +688,10 @@ static int deliver_vhost(struct vu_net_switch *sw, struct vu_net_port *d, uint32
     if (nchains > 1 && mark[0] && mark[1]) {
         *mark[0] = (uint8_t)(nchains & 0xff);
         *mark[1] = (uint8_t)(nchains >> 8);
+        if (d->mem->dirty) {                /* written after scatter marked them: again */
+            vu_log_range(d->mem->dirty, mark_gpa[0], 1);
+            vu_log_range(d->mem->dirty, mark_gpa[1], 1);
+        }
     }
 
     /* All of a frame's buffers go out in one publication. */

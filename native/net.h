@@ -45,9 +45,12 @@
  * Switch hygiene: the forwarding table is 4-way set-associative under a
  * keyed hash (SipHash-1-3, key from Python), so no frame can aim at a
  * victim's entry; a learned address moves to another port only after it
- * was silent on its port for hold_down_ms (SEND_RARP's announcement moves
- * it at once); a port learns at most learn_limit addresses; a port locked
- * to a MAC drops frames from any other source (VU_NET_DROP_SPOOFED).
+ * was silent on its port for hold_down_ms, or at once when its port cannot
+ * receive (every receive ring stopped: a guest that migrated announces
+ * itself from its new port, GUEST_ANNOUNCE, after its old port's rings
+ * were stopped) or for SEND_RARP's announcement; a port learns at most
+ * learn_limit addresses; a port locked to a MAC drops frames from any
+ * other source (VU_NET_DROP_SPOOFED).
  *
  * Guest memory that shrinks under us: the frame loops run in guard frames
  * (guard.h).  A fault in a port's memory marks that port faulted (its

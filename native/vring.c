@@ -43,6 +43,15 @@ int vu_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
 }
 
 static inline uint64_t avail_size(uint32_t num) { return 6 + 2 * (uint64_t)num; }
+
+/* used->avail_event (EVENT_IDX) = where the device reads next; marked dirty. */
+static inline void write_avail_event(struct vu_vring *vr)
+{
+    uint64_t off = AVAIL_RING + USED_ELEM_SIZE * (uint64_t)vr->num;
+
+    st16(vr->device + off, vr->last_avail_idx);
+    dirty_used(vr, off, 2);
+}
 static inline uint64_t used_size(uint32_t num) { return 6 + 8 * (uint64_t)num; }
 #define PACKED_EVENT_SIZE 4u               /* struct pvirtq_event_suppress */
 
@@ -199,7 +208,7 @@ broken:
     vr->error = rc;
 out:
     if (vr->last_avail_idx != start && vr->event_idx && vr->notification)
-        st16(vr->device + AVAIL_RING + USED_ELEM_SIZE * vr->num, vr->last_avail_idx);
+        write_avail_event(vr);
     vr->popped += nc;
     *n_chains = nc;
     *n_segs = ns;
@@ -232,6 +241,12 @@ static int vring_push(struct vu_vring *vr, const struct vu_used_elem *elems, uin
     FENCE_RELEASE();
     st16(vr->device + 2, new_idx);
     vr->used_idx = new_idx;
+    if (vr->dirty) {                        /* the elements (wrapping at most once), the index */
+        uint32_t slot = old & (vr->num - 1), first = n < vr->num - slot ? n : vr->num - slot;
+        dirty_used(vr, AVAIL_RING + USED_ELEM_SIZE * (uint64_t)slot, USED_ELEM_SIZE * (uint64_t)first);
+        dirty_used(vr, AVAIL_RING, USED_ELEM_SIZE * (uint64_t)(n - first));
+        dirty_used(vr, 2, 2);
+    }
     /* signalled_used fell more than 2^15 behind: its comparison with
      * used_event would be meaningless (libvhost-user vu_queue_flush). */
     if ((int16_t)(uint16_t)(new_idx - vr->signalled_used) < (int32_t)(uint16_t)(new_idx - old))
@@ -266,7 +281,7 @@ static void vring_set_notification(struct vu_vring *vr, int enable)
     vr->notification = enable ? 1 : 0;
     if (vr->event_idx) {
         if (enable)
-            st16(vr->device + AVAIL_RING + USED_ELEM_SIZE * vr->num, vr->last_avail_idx);
+            write_avail_event(vr);
     } else {
         uint16_t flags = ld16(vr->device);
         if (enable)
@@ -274,6 +289,7 @@ static void vring_set_notification(struct vu_vring *vr, int enable)
         else
             flags |= VU_USED_F_NO_NOTIFY;
         st16(vr->device, flags);
+        dirty_used(vr, 0, 2);
     }
     /* Expose avail_event / flags before the caller re-reads avail->idx. */
     if (enable)
@@ -310,7 +326,7 @@ static int vring_unpop(struct vu_vring *vr, uint32_t n)
     vr->last_avail_idx = (uint16_t)(vr->last_avail_idx - n);
     vr->popped -= n;
     if (vr->event_idx && vr->notification)
-        st16(vr->device + AVAIL_RING + USED_ELEM_SIZE * vr->num, vr->last_avail_idx);
+        write_avail_event(vr);
     return 0;
 }
 

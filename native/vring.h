@@ -55,6 +55,13 @@
  *   memory.  push / need_notify / set_notification still work on a broken
  *   ring (so the buffers already handed out can be returned).
  * - Ring areas need no particular alignment (every access is a memcpy).
+ * - Dirty logging (live migration, vhost-user.rst "Migration"; log.h):
+ *   with a ring's dirty log set, every store to its used area is marked
+ *   after it at dirty_used (the front-end's log_guest_addr) + the offset
+ *   of the bytes stored: a push's used elements (one range, or two when
+ *   they wrap past the end) and idx, avail_event (pop, unpop,
+ *   set_notification) and flags (set_notification).  Addresses wrap
+ *   modulo 2^64.
  *
  * The packed ring (2.8), where it differs:
  *
@@ -94,6 +101,11 @@
  *   since the last decision; the event position is passed when it lies in
  *   that span (positions counted modulo 2*num, the wrap counter being the
  *   lap's parity).
+ * - Dirty logging: the device area's off_wrap and flags at dirty_used +
+ *   0 / 2 when stored; every used descriptor written, as its 8 bytes of
+ *   len, id and flags at dirty_desc + 16 * slot + 8 (the used descriptors
+ *   live in the descriptor ring, which the front-end's log_guest_addr,
+ *   the device area, does not cover).
  * - State (vhost-user GET/SET_VRING_BASE, docs/interop/vhost-user.rst):
  *   bits 0-14 last avail index, bit 15 avail wrap counter, bits 16-30 used
  *   index, bit 31 used wrap counter.  A base whose upper half is 0 is read
@@ -109,6 +121,7 @@
 #include <stdint.h>
 
 #include "guard.h"
+#include "log.h"
 
 /* cdef-begin */
 
@@ -176,10 +189,12 @@ struct vu_region {
 
 /* The memory table; regions must not overlap in gpa.  Kept in sync with
  * vuser.memory.GuestMemory.regions (same order, so vu_seg.region indexes
- * both). */
+ * both).  dirty: the dirty page log data paths mark their buffer writes
+ * in while the front-end has VHOST_F_LOG_ALL on, else NULL (log.h). */
 struct vu_mem {
     uint32_t nregions;
     struct vu_region regions[64];
+    struct vu_log *dirty;
 };
 
 /* One ring.  desc/driver/device are host pointers to the three areas
@@ -213,6 +228,12 @@ struct vu_vring {
     uint32_t unsignalled;          /* packed: used slots written since the last decision (<= num) */
     uint32_t popped;               /* chains popped, less those given back (wraps): progress */
     int32_t error;                 /* the VU_ERR_* that broke the ring */
+    /* The dirty page log (log.h) its writes are marked in: set by Python
+     * after init while VHOST_F_LOG_ALL is on and SET_VRING_ADDR carried
+     * VHOST_VRING_F_LOG, else NULL (init clears it). */
+    struct vu_log *dirty;
+    uint64_t dirty_used;           /* log_guest_addr: split used ring, packed device area */
+    uint64_t dirty_desc;           /* packed: the descriptor ring's guest-physical address */
 };
 
 /* One piece of a buffer: region index, offset in that region, length.

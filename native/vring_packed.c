@@ -89,6 +89,22 @@ void vu_packed_write_event(struct vu_vring *vr)
 {
     vr->event_written = (uint16_t)(vr->last_avail_idx | vr->avail_wrap << WRAP_BIT);
     st16(vr->device + EVENT_OFF_WRAP, vr->event_written);
+    dirty_used(vr, EVENT_OFF_WRAP, 2);
+}
+
+/* The device area's flags (2.8.10), marked dirty. */
+static inline void write_event_flags(struct vu_vring *vr, uint16_t flags)
+{
+    st16(vr->device + EVENT_FLAGS, flags);
+    dirty_used(vr, EVENT_FLAGS, 2);
+}
+
+/* A used descriptor's len, id and flags were written: mark them dirty
+ * (`dirty`: the ring's log, read once per push). */
+static inline void dirty_used_desc(const struct vu_vring *vr, struct vu_log *dirty, uint32_t slot)
+{
+    if (dirty)
+        vu_log_range(dirty, vr->dirty_desc + (uint64_t)slot * DESC_SIZE + PDESC_LEN, DESC_SIZE - PDESC_LEN);
 }
 
 /* Walk the chain at last_avail_idx (its head known available).  0,
@@ -259,6 +275,7 @@ int vu_packed_push(struct vu_vring *vr, const struct vu_used_elem *elems, uint32
     uint16_t pos, at, first, first_flags = 0;
     uint8_t wrap, at_wrap;
     uint32_t written = 0, total = 0;
+    struct vu_log *dirty = vr->dirty;
     int rc;
 
     if (vr->num == 0)
@@ -295,12 +312,14 @@ int vu_packed_push(struct vu_vring *vr, const struct vu_used_elem *elems, uint32
             first_flags = flags;
         } else {
             st16_release(d + PDESC_FLAGS, flags);
+            dirty_used_desc(vr, dirty, at);
         }
         at = pos;
         at_wrap = wrap;
     }
     FENCE_RELEASE();
     st16(vr->desc + (size_t)first * DESC_SIZE + PDESC_FLAGS, first_flags);
+    dirty_used_desc(vr, dirty, first);
     vr->used_idx = pos;
     vr->used_wrap = wrap;
     vr->unsignalled = vr->unsignalled + total < vr->num ? vr->unsignalled + total : vr->num;
@@ -347,15 +366,15 @@ void vu_packed_set_notification(struct vu_vring *vr, int enable)
         return;
     vr->notification = enable ? 1 : 0;
     if (!enable) {
-        st16(vr->device + EVENT_FLAGS, VU_EVENT_F_DISABLE);
+        write_event_flags(vr, VU_EVENT_F_DISABLE);
         return;
     }
     if (vr->event_idx) {
         vu_packed_write_event(vr);
         FENCE_RELEASE();                    /* off_wrap before the flags that make it count */
-        st16(vr->device + EVENT_FLAGS, VU_EVENT_F_DESC);
+        write_event_flags(vr, VU_EVENT_F_DESC);
     } else {
-        st16(vr->device + EVENT_FLAGS, VU_EVENT_F_ENABLE);
+        write_event_flags(vr, VU_EVENT_F_ENABLE);
     }
     /* Expose the event before the caller looks at the ring again. */
     FENCE_FULL();

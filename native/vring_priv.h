@@ -194,6 +194,16 @@ static inline int chain_verdict(int w, uint32_t taken, const struct vu_chain *c,
     return 0;
 }
 
+/* Dirty logging of the ring's own writes (vring.h, "Dirty logging"): the
+ * bytes [off, off + len) of the used area (split) or device area (packed),
+ * at log_guest_addr + off (addresses computed modulo 2^64).  The packed
+ * ring's used descriptors: vring_packed.c. */
+static inline void dirty_used(const struct vu_vring *vr, uint64_t off, uint64_t len)
+{
+    if (vr->dirty)
+        vu_log_range(vr->dirty, vr->dirty_used + off, len);
+}
+
 /* vring_packed.c, called by vring.c's entry points for packed rings. */
 int vu_packed_init(struct vu_vring *vr, uint32_t base, uint32_t *ids, uint32_t ids_len);
 int vu_packed_pop(struct vu_vring *vr, const struct vu_mem *mem,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import strategies as st
 
+from vuser.dirtylog import LOG_PAGE, BitmapLog
 from vuser.rings.base import MAX_INDIRECT, NO_BYTE_LIMIT, PopResult
 
 # Hostile rings per property test: 3000 in CI; more by hand, e.g.
@@ -265,3 +266,60 @@ def facade_runs(gpas: list[int], fill: int, writes: list[tuple[int, int, bytes]]
         finally:
             mem.clear()
     return runs
+
+
+# ---------------------------------------------------------------- dirty logging
+
+# (bitmap bytes, log at the areas' own addresses?, used log address, desc
+# log address): the log covers a few pages, or every region but those
+# near 2^64; the log addresses are the areas' (what QEMU sends) or any.
+LOG_SIZES = [1, 64, (1 << 17) + 64]
+LOGS = st.one_of(st.none(), st.tuples(st.sampled_from(LOG_SIZES), st.booleans(), ADDRESSES, ADDRESSES))
+
+
+class CLog:
+    """A ``struct vu_log`` over its own bitmap, as a ring's dirty log target."""
+
+    def __init__(self, size: int) -> None:
+        self.bitmap = ffi.new("uint8_t[]", size)
+        self.native = ffi.new("struct vu_log *")
+        self.native.bitmap, self.native.size = self.bitmap, size
+        self.size = size
+
+    def write(self, gpa: int, length: int) -> None:
+        assert lib.vu_log_write(self.native, gpa, length) == 0
+
+
+class LogPair:
+    """One dirty log configuration, for the C ring and for the reference:
+    they must end up with the same bits and the same counters."""
+
+    def __init__(self, spec: tuple, gpas: list[int], used_gpa: int, desc_gpa: int) -> None:
+        size, own, used_spec, desc_spec = spec
+        self.c, self.ref = CLog(size), BitmapLog(bytearray(size))
+        self.own = own
+        self.used = used_gpa if own else resolve_address(used_spec, gpas)
+        self.desc = desc_gpa if own else resolve_address(desc_spec, gpas)
+
+    def attach(self, cand: object, ref: object) -> None:
+        cand.set_log(self.c, self.used, self.desc)  # type: ignore[attr-defined]
+        ref.set_log(self.ref, self.used, self.desc)  # type: ignore[attr-defined]
+
+    def check_same(self) -> None:
+        assert bytes(ffi.buffer(self.c.bitmap, self.c.size)) == bytes(self.ref.bitmap)
+        assert (self.c.native.updates, self.c.native.outside) == (self.ref.updates, self.ref.outside)
+
+    def check_covers(self, gpas: list[int], image: list[bytearray]) -> None:
+        """With the areas' own log addresses, every byte the ring changed
+        lies in a page whose bit is set (pages the log covers)."""
+        if not self.own:
+            return
+        bits = bytes(self.ref.bitmap)
+        for r, gpa in enumerate(gpas):
+            now = bytes(WORLD_R.slots[r])
+            if now == image[r]:
+                continue
+            for off in (i for i in range(RSIZE) if now[i] != image[r][i]):
+                page = (gpa + off) // LOG_PAGE
+                if page < 8 * len(bits):
+                    assert bits[page >> 3] >> (page & 7) & 1, f"page {page:#x} written, not logged"

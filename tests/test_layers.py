@@ -17,8 +17,8 @@ RANK = {
     "virtio": 0, "codes": 0, "events": 0, "wire": 0, "errors": 0, "ratelimit": 0,
     # sans-I/O protocol session
     "negotiation": 1, "protocol": 1,
-    # fds from front-ends, guest memory and rings
-    "fds": 2, "memory": 2, "rings": 2, "virtqueue": 2, "_native": 2,
+    # fds from front-ends, guest memory, the dirty page log and rings
+    "fds": 2, "memory": 2, "dirtylog": 2, "rings": 2, "virtqueue": 2, "_native": 2,
     # transport: framing, sockets, queue tasks, ring state file, back-end channel, control socket, recorder
     "stream": 3, "transport": 3, "queues": 3, "ringstate": 3, "backend_channel": 3, "control": 3,
     "recorder": 3,

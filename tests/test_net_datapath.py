@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vuser.dirtylog import LOG_PAGE, DirtyLog
 from vuser.frontend.memory import GuestRam
 from vuser.frontend.vring import DriverQueue
 from vuser.memory import GuestMemory, RegionSpec
@@ -31,6 +32,7 @@ from vuser.virtqueue import VirtQueue, native_available
 pytestmark = pytest.mark.skipif(not native_available(), reason="vuser._native is not built")
 
 if native_available():
+    from vuser._native import ffi
     from vuser.devices.net.switch import OFF_ALL, OFF_CSUM, PORT_VHOST, NetSwitch, rarp_frame
 from vuser.testing.netframes import (
     DATA_VALID,
@@ -169,6 +171,34 @@ def changed_outside(guest: Guest, before: list[bytes], allowed: list[tuple[int, 
     return bad
 
 
+def changed_pages(guest: Guest, before: list[bytes]) -> set[int]:
+    """The guest-physical pages in which any byte changed."""
+    out = set()
+    for r, old in zip(guest.fe.regions, before):
+        new = guest.fe.read(r.gpa, r.size)
+        for off in range(0, len(new), LOG_PAGE):
+            if new[off:off + LOG_PAGE] != old[off:off + LOG_PAGE]:
+                out.update(range((r.gpa + off) // LOG_PAGE, (r.gpa + min(off + LOG_PAGE, len(new)) - 1) // LOG_PAGE + 1))
+    return out
+
+
+def pages_of(ranges: list[tuple[int, int]]) -> set[int]:
+    return {p for gpa, n in ranges if n for p in range(gpa // LOG_PAGE, (gpa + n - 1) // LOG_PAGE + 1)}
+
+
+def start_logging(g: Guest) -> DirtyLog:
+    """What SET_LOG_BASE, LOG_ALL and VHOST_VRING_F_LOG do to a port's
+    memory and rings (the handler's _sync_log)."""
+    log = DirtyLog(g.be.owner)
+    fd = os.memfd_create("vuser-net-log", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 4096)
+    log.replace(fd, 4096, 0)
+    g.be.set_dirty_log(log)
+    for q, vq in ((g.rx, g.vq_rx), (g.tx, g.vq_tx)):
+        vq.set_log(log, q.used_gpa)
+    return log
+
+
 def ring_areas(g: Guest) -> list[tuple[int, int]]:
     """What the device may write besides receive buffers: both used rings."""
     out = []
@@ -279,13 +309,15 @@ dests = st.sampled_from([BCAST, MACS[1], MACS[0], b"\x01\x00\x5e\x00\x00\x01"])
     sends=st.lists(st.tuples(frame_sizes, dests, st.booleans()), min_size=1, max_size=40),
     rx_sizes=st.lists(st.integers(min_value=1, max_value=3000), min_size=0, max_size=50),
     hdr_a=st.sampled_from([10, 12]), hdr_b=st.sampled_from([10, 12]),
-    mrg=st.booleans(), event_idx=st.booleans(), budget=st.sampled_from([0, 1, 7]),
+    mrg=st.booleans(), event_idx=st.booleans(), budget=st.sampled_from([0, 1, 7]), logging=st.booleans(),
 )
 def test_delivery_invariants(pair: Any, sends: list[tuple[int, bytes, bool]], rx_sizes: list[int],
-                             hdr_a: int, hdr_b: int, mrg: bool, event_idx: bool, budget: int) -> None:
+                             hdr_a: int, hdr_b: int, mrg: bool, event_idx: bool, budget: int,
+                             logging: bool) -> None:
     mrg = mrg and hdr_b == 12
     sw, a, b = pair(a={"hdr_len": hdr_a, "event_idx": event_idx},
                     b={"hdr_len": hdr_b, "mrg": mrg, "event_idx": event_idx})
+    logs = [start_logging(g) for g in (a, b)] if logging else []
     for size in rx_sizes[:NUM]:
         b.add_rx(size)
     # B says who it is first, so unicast to MACS[1] is learned (port 1).
@@ -310,6 +342,11 @@ def test_delivery_invariants(pair: Any, sends: list[tuple[int, bytes, bool]], rx
     # Nothing written outside the receive buffers and the used rings.
     assert changed_outside(b, before_b, b.rx_bufs + ring_areas(b)) == []
     assert changed_outside(a, before_a, ring_areas(a)) == []
+    # Migrating: every page written is logged, and only pages the device
+    # may write are (the receive buffers, the used rings).
+    for g, before, log, allowed in zip((a, b), (before_a, before_b), logs, (ring_areas(a), b.rx_bufs + ring_areas(b))):
+        logged = {gpa // LOG_PAGE for gpa in log.pages()}
+        assert changed_pages(g, before) <= logged <= pages_of(allowed)
     got, nelems = b.received()
     # Delivered frames: byte-exact, in order, a subsequence of the sent ones.
     it = iter(sent)
@@ -510,6 +547,18 @@ def test_learned_address_is_held_down_but_rarp_moves_it(pair: Any) -> None:
     assert sw.lookup(MACS[0]) == 0 and stats(sw, 1)["moves_held"] == 1
     sw.inject(sw.ports[1], rarp_frame(MACS[0]))
     assert sw.lookup(MACS[0]) == 1
+
+
+def test_address_of_a_stopped_port_moves_at_once(pair: Any) -> None:
+    """A guest migrated away from port 0 (its rings stopped, GET_VRING_BASE)
+    announces itself on port 1 (GUEST_ANNOUNCE: the guest's own frame, no
+    SEND_RARP): its address moves whatever the hold-down."""
+    sw, a, b = pair()
+    sw.inject(sw.ports[0], eth(BCAST, MACS[0], b"I am A"))
+    sw.ports[0].c.rx[0] = ffi.NULL            # the net device's queue_stopped
+    b.send(eth(BCAST, MACS[0], b"gratuitous ARP"))
+    sw.tx_burst(sw.ports[1], 0)
+    assert sw.lookup(MACS[0]) == 1 and stats(sw, 1)["moves_held"] == 0
 
 
 def test_hold_down_expires(pair: Any) -> None:

@@ -40,17 +40,19 @@ from ringworld import (
     ADDRESSES,
     EDGE_ADDRESSES,
     LENGTHS,
+    LOGS,
     RSIZE,
     WORLD_C,
     WORLD_R,
+    LogPair,
     Placer,
     c_pop,
+    facade_runs,
     load,
     random_buffer,
     region_gpas,
     resolve_address,
     state,
-    facade_runs,
     world_memory,
 )
 from vuser.rings import NativePackedRing, PyPackedRing
@@ -102,6 +104,7 @@ class Case:
     driver_pos: tuple[int, int]             # where the driver adds next (slot, wrap)
     mutations: list[tuple] = field(default_factory=list)
     ops: list[tuple] = field(default_factory=list)
+    log: tuple | None = None                # dirty logging (ringworld.LOGS)
 
 
 FIELDS = st.one_of(st.tuples(st.just(0), ADDRESSES), st.tuples(st.just(1), LENGTHS),
@@ -272,7 +275,8 @@ def ring_cases(draw: st.DrawFn, max_ops: int = 8) -> Case:
     writes.append((areas[1][0], areas[1][1], struct.pack("<HH", *draw(EVENTS))))
     writes.append((areas[2][0], areas[2][1], struct.pack("<HH", *draw(EVENTS))))
     return Case(gpas, num, areas, draw(st.integers(0, 2**32 - 1)), writes, draw(st.booleans()),
-                draw(st.booleans()), base, driver_pos, mutations, draw(st.lists(OPS, min_size=1, max_size=max_ops)))
+                draw(st.booleans()), base, driver_pos, mutations, draw(st.lists(OPS, min_size=1, max_size=max_ops)),
+                draw(LOGS))
 
 
 # ---------------------------------------------------------------- running
@@ -295,6 +299,11 @@ def run_case(case: Case) -> dict[str, int]:
     if rc:
         return stats
     assert cand.base() >> 16 == (case.base >> 16 or case.base & 0xFFFF)
+    logs = None
+    if case.log is not None:  # the front-end migrates: the same bits from both
+        (xr, xo) = case.areas[2]
+        logs = LogPair(case.log, case.gpas, case.gpas[xr] + xo, case.gpas[dr] + do)
+        logs.attach(cand, ref)
 
     rnd = random.Random(case.fill)
     driver = list(case.driver_pos)
@@ -370,12 +379,18 @@ def run_case(case: Case) -> dict[str, int]:
             rc = cand.init(num, areas_c, case.event_idx, cand.base(), case.in_order)
             assert rc == ref.init(num, areas_r, case.event_idx, ref.base(), case.in_order)
             outstanding = []
+            if logs is not None:  # init forgets the log; the virtqueue gives it again
+                logs.attach(cand, ref)
         assert state(cand) == state(ref), op
         # Guest-visible bytes after every operation, not only at the end (a
         # later pop rewrites the device event, hiding a stale one).
         assert all(bytes(WORLD_C.slots[r]) == bytes(WORLD_R.slots[r]) for r in range(n)), op
+        if logs is not None:
+            logs.check_same()
     cand.clear()
     ref.clear()
+    if logs is not None:
+        logs.check_covers(case.gpas, image)
 
     # Same bytes everywhere; only the descriptor ring and the device area
     # may have changed.

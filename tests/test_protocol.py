@@ -177,10 +177,18 @@ def test_get_vring_base_reply_carries_result() -> None:
     (R.SET_VRING_CALL, {"u64": wire.VRING_NOFD_MASK}, [5], "no-fd flag is set"),
     (R.SET_VRING_ERR, {"u64": 1 << 12}, [], "reserved bits"),
     (R.SET_VRING_ENABLE, {"index": 0, "num": 2}, [], "not 0 or 1"),
-    (R.SET_PROTOCOL_FEATURES, {"u64": 1 << PF.LOG_SHMFD}, [], "LOG_SHMFD"),
+    (R.SET_PROTOCOL_FEATURES, {"u64": 1 << PF.INFLIGHT_SHMFD}, [], "INFLIGHT_SHMFD"),
+    (R.SET_VRING_ADDR, {"index": 0, "flags": 2, "desc_user_addr": 0, "used_user_addr": 0,
+                        "avail_user_addr": 0, "log_guest_addr": 0}, [], "unknown flags 0x2"),
     (R.SET_BACKEND_REQ_FD, {}, [7], "BACKEND_REQ not negotiated"),
     (R.IOTLB_MSG, {"iova": 0, "size": 0, "uaddr": 0, "perm": 0, "type": 0}, [], "not supported"),
-    (R.SET_LOG_BASE, {"mmap_size": 0, "mmap_offset": 0}, [], "not supported"),
+    (R.SET_LOG_BASE, {"mmap_size": 4096, "mmap_offset": 0}, [3], "LOG_SHMFD not negotiated"),
+    # The postcopy family and device state transfer stay refused by name.
+    (R.POSTCOPY_ADVISE, {}, [], "POSTCOPY_ADVISE: not supported"),
+    (R.POSTCOPY_LISTEN, {}, [], "POSTCOPY_LISTEN: not supported"),
+    (R.POSTCOPY_END, {}, [], "POSTCOPY_END: not supported"),
+    (R.SET_DEVICE_STATE_FD, {"direction": 0, "phase": 0}, [3], "SET_DEVICE_STATE_FD: not supported"),
+    (R.CHECK_DEVICE_STATE, {}, [], "CHECK_DEVICE_STATE: not supported"),
     (R.ADD_MEM_REG, {"region": dict(guest_phys_addr=0, memory_size=4096, userspace_addr=0, mmap_offset=0)},
      [3], "CONFIGURE_MEM_SLOTS not negotiated"),
     (R.SET_STATUS, {"u64": 0x100}, [], "8 bits"),
@@ -242,3 +250,46 @@ def test_modern_driver_needs_features_ok_not_driver_ok() -> None:
     roundtrip(s, R.SET_FEATURES, {"u64": DEV_A | VERSION_1})
     roundtrip(s, R.SET_STATUS, {"u64": Status.ACKNOWLEDGE | Status.DRIVER | Status.DRIVER_OK})
     assert s.negotiated_features is None
+
+
+# ---------------------------------------------------------------- migration: the dirty log
+
+def test_log_shmfd_is_offered() -> None:
+    _, r = roundtrip(session(), R.GET_PROTOCOL_FEATURES)
+    assert u64(r) & (1 << PF.LOG_SHMFD)
+
+
+@pytest.mark.parametrize("need_reply", [False, True])
+def test_set_log_base_replies_u64_zero(need_reply: bool) -> None:
+    # QEMU waits for a reply to SET_LOG_BASE once LOG_SHMFD is negotiated
+    # (vhost_user_set_log_base), with or without NEED_REPLY: one reply, a
+    # u64 0, as libvhost-user and passt send.
+    s = session()
+    negotiate_protocol(s, ALL_PF | (1 << PF.LOG_SHMFD))
+    ev, r = roundtrip(s, R.SET_LOG_BASE, {"mmap_size": 0x2000, "mmap_offset": 0x1000}, [9], need_reply=need_reply)
+    assert isinstance(ev, E.LogBaseSet) and (ev.size, ev.offset, ev.fd) == (0x2000, 0x1000, 9)
+    assert r is not None
+    header = wire.decode_header(r[:12])
+    assert header.request == R.SET_LOG_BASE and header.flags == wire.VERSION | wire.FLAG_REPLY
+    assert u64(r) == 0
+
+
+@pytest.mark.parametrize("payload,fds,fault", [
+    ({"mmap_size": 0x1000, "mmap_offset": 0}, [], "no log fd attached"),
+    ({"mmap_size": 0x1000, "mmap_offset": 2**64 - 0x800}, [9], "wraps 2\\^64"),
+])
+def test_set_log_base_refusals(payload: dict, fds: list[int], fault: str) -> None:
+    s = session()
+    negotiate_protocol(s, 1 << PF.LOG_SHMFD)
+    with pytest.raises(P.ProtocolError, match=fault):
+        send(s, R.SET_LOG_BASE, payload, fds)
+
+
+def test_set_log_fd_and_vring_log_flag() -> None:
+    s = session()
+    ev, r = roundtrip(s, R.SET_LOG_FD, {}, [11])
+    assert isinstance(ev, E.LogFdSet) and ev.fd == 11 and r is None
+    ev, _ = roundtrip(s, R.SET_VRING_ADDR, {"index": 1, "flags": wire.VRING_F_LOG, "desc_user_addr": 0x1000,
+                                            "used_user_addr": 0x3000, "avail_user_addr": 0x2000,
+                                            "log_guest_addr": 0xABC000})
+    assert isinstance(ev, E.VringAddr) and ev.flags == wire.VRING_F_LOG and ev.log == 0xABC000

@@ -86,6 +86,9 @@ def _add_run(sub: Any, parent: Parser, plugins: dict[str, DevicePlugin[Any]]) ->
         p.add_argument("--no-ring-state", action="store_true",
                        help="do not keep packed ring state in SOCKET.rings (without it a restarted vuser "
                             "cannot resume packed rings under a reconnecting QEMU)")
+        p.add_argument("--force-dirty-log", action="store_true",
+                       help="log every write to guest memory into a private dirty log, as if the front-end "
+                            "were migrating the guest (to measure what logging costs)")
         plugin.add_arguments(p)
         p.set_defaults(func=cmd_run, plugin=plugin)
 
@@ -113,7 +116,7 @@ def runner_group(plugin: DevicePlugin[Any], devices: Sequence[Any], args: argpar
     fds: list[int | None] = list(args.fd or [None] * len(devices))
     runners = [Runner(dev, path, client=args.client, ring_impl=args.ring, plugin=plugin, peer_uids=sorted(peers),
                       ring_state=None if args.no_ring_state or fd is not None else default_ring_state_path(path),
-                      fd=fd)
+                      fd=fd, force_dirty_log=args.force_dirty_log)
                for dev, path, fd in zip(devices, _socket_names(args), fds)]
     return RunnerGroup(runners, control_path=args.control, background=plugin.background(devices), plugin=plugin)
 

@@ -52,12 +52,14 @@ class DeviceConnection:
     """Serves ``device`` to the front-end on one connected socket."""
 
     def __init__(self, device: Device, sock: trio.socket.SocketType, *, ring_impl: str = "native",
-                 name: str = "vhost-user", ring_state: RingStateFile | None = None) -> None:
+                 name: str = "vhost-user", ring_state: RingStateFile | None = None,
+                 force_dirty_log: bool = False) -> None:
         self.device = device
         self.name = name
         self.stream = MessageStream(sock, strict=True)
         self.session = new_session(device)
-        self.handler = Handler(device, self.session, ring_impl=ring_impl, name=name, ring_state=ring_state)
+        self.handler = Handler(device, self.session, ring_impl=ring_impl, name=name, ring_state=ring_state,
+                               force_dirty_log=force_dirty_log)
         self.messages = 0
 
     async def serve(self) -> None:

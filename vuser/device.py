@@ -82,12 +82,16 @@ class Feature:
 # them on anyway, design.md) and both ring layouts (RING_PACKED, spec 2.8;
 # `--without RING_PACKED` keeps drivers on split rings); VERSION_1 makes the
 # device transitional-capable modern; a legacy driver simply does not accept
-# it (seed 003).
+# it (seed 003).  VHOST_F_LOG_ALL is a vhost bit, not a virtio one: the
+# front-end needs it (and protocol feature LOG_SHMFD) to migrate the guest,
+# and never shows it to the guest; the framework logs every write to guest
+# memory while it is on (vuser.dirtylog).  Appended last: no queue follows it.
 TRANSPORT_FEATURES: tuple[Feature, ...] = (
     Feature(Transport.INDIRECT_DESC),
     Feature(Transport.EVENT_IDX),
     Feature(Transport.VERSION_1),
     Feature(Transport.RING_PACKED),
+    Feature(Transport.LOG_ALL, doc="dirty page logging for live migration"),
 )
 KNOWN_TRANSPORT_FEATURES: tuple[Feature, ...] = tuple(Feature(t) for t in Transport)
 

@@ -83,6 +83,23 @@ class MemRegionRemoved(Event):
 
 
 @dataclass(frozen=True)
+class LogBaseSet(Event):
+    """SET_LOG_BASE (protocol feature LOG_SHMFD): the dirty page log is
+    ``[offset, offset + size)`` of ``fd``; replaces any earlier log."""
+
+    size: int
+    offset: int
+    fd: int
+
+
+@dataclass(frozen=True)
+class LogFdSet(Event):
+    """SET_LOG_FD: an eventfd to signal after the log was written."""
+
+    fd: int
+
+
+@dataclass(frozen=True)
 class VringNum(Event):
     index: int
     num: int

@@ -12,9 +12,21 @@ cannot be mapped, a ring outside guest memory, a request the device does
 not know) raises ``ProtocolError``; a guest ring error goes through the
 runtime's ``fault`` to ``_fault`` (the device needs a reset).
 
+Dirty logging (live migration, vhost-user.rst "Migration"): the log
+SET_LOG_BASE maps (``vuser.dirtylog``) is hooked up -- to the memory table
+for data paths, to each ring whose SET_VRING_ADDR carried VHOST_VRING_F_LOG
+-- while the accepted features hold VHOST_F_LOG_ALL, and unhooked when they
+do not; ``_sync_log`` does it after every event that changes one of those
+(push: C data paths are told, nothing is re-read per frame).  Toggling
+LOG_ALL or the ring flag never restarts a ring.  ``force_dirty_log``
+(``vuser run --force-dirty-log``, for benchmarks): a private log sized to
+each memory table, every ring logging at its own used area, whatever the
+front-end says.
+
 Resource handling: the fds in an event belong to the handler from
 ``apply`` on: queue fds go to their slot, region fds to the memory, the
-back-end channel fd to its sender; ``release`` closes them all.
+log fd to the dirty log, the log eventfd to its slot, the back-end channel
+fd to its sender; ``release`` closes them all.
 """
 
 from __future__ import annotations
@@ -29,13 +41,14 @@ from . import events as E
 from . import wire
 from .backend_channel import BackendChannelSender
 from .device import Device
-from .fds import FdKindError, require_eventfd, require_unix_stream
+from .dirtylog import LOG_PAGE, DirtyLog
+from .fds import FdKindError, require_eventfd, require_unix_stream, signal_eventfd
 from .handles import QueueHandle, RawQueue
 from .memory import GuestMemory, MemoryAccessError, RegionSpec
 from .protocol import ProtocolError, Session
-from .queues import QueueRuntime, QueueSlot
+from .queues import FdSlot, QueueRuntime, QueueSlot
 from .ringstate import RingStateFile
-from .virtio import Transport, has
+from .virtio import Transport, has, mask
 from .virtqueue import RingError
 
 log = logging.getLogger(__name__)
@@ -43,6 +56,10 @@ log = logging.getLogger(__name__)
 Apply = Callable[["Handler", Any], Awaitable[Any]]
 _FD_ROLE = {wire.Request.SET_VRING_KICK: "kick", wire.Request.SET_VRING_CALL: "call",
             wire.Request.SET_VRING_ERR: "err"}
+LOG_ALL = mask(Transport.LOG_ALL)
+# SET_LOG_FD: how often the log's update counter is looked at (the writes
+# that move it happen in C, in this connection's or another's calls).
+LOG_FD_INTERVAL = 0.01
 
 
 def _spec(r: E.MemRegion) -> RegionSpec:
@@ -54,11 +71,15 @@ class Handler:
 
     def __init__(self, device: Device, session: Session, *, ring_impl: str = "native",
                  ring_state: RingStateFile | None = None,
-                 name: str = "vhost-user") -> None:
+                 name: str = "vhost-user", force_dirty_log: bool = False) -> None:
         self.device = device
         self.session = session
         self.name = name
         self.memory = GuestMemory()
+        self.dirty_log = DirtyLog(self.memory.owner)
+        self.force_dirty_log = force_dirty_log
+        self.log_call = FdSlot()  # SET_LOG_FD's eventfd
+        self._log_call_task = False
         self.runtime = QueueRuntime(self.memory, device.max_queues, round=self._round, on_fault=self._fault,
                                     ring_impl=ring_impl, name=name, ring_state=ring_state)
         self.backend = BackendChannelSender(name)
@@ -110,6 +131,9 @@ class Handler:
                 self.device.queue_stopped(raw)
         self.runtime.release()
         self.backend.close()
+        self.memory.set_dirty_log(None)
+        self.dirty_log.clear()
+        self.log_call.close()
         self.memory.clear()
         self.nursery = self.runtime.nursery = None
         self.device.detach()
@@ -133,6 +157,7 @@ class Handler:
     async def _features_set(self, ev: E.FeaturesSet) -> None:
         log.debug("%s: driver accepted %s", self.name, self.device.feature_names(ev.features))
         self.device.features_accepted(ev.features)
+        self._sync_log()
 
     async def _protocol_features_set(self, ev: E.ProtocolFeaturesSet) -> None:
         log.info("%s: protocol features: %s", self.name, ", ".join(wire.protocol_feature_names(ev.features)))
@@ -199,6 +224,36 @@ class Handler:
     async def _vring_kick_inband(self, ev: E.VringKickInband) -> None:  # pragma: no cover - never offered
         self.runtime.wake(self.slots[ev.index])
 
+    async def _log_base_set(self, ev: E.LogBaseSet) -> int:
+        try:
+            self.dirty_log.replace(ev.fd, ev.size, ev.offset)
+        except MemoryAccessError as exc:
+            raise ProtocolError(ev.request.name, str(exc)) from None
+        self._sync_log()
+        return 0
+
+    async def _log_fd_set(self, ev: E.LogFdSet) -> None:
+        try:
+            require_eventfd(ev.fd, "log")
+        except BaseException:
+            os.close(ev.fd)
+            raise
+        self.log_call.replace(ev.fd)
+        if not self._log_call_task and self.nursery is not None:
+            self._log_call_task = True
+            self.nursery.start_soon(self._signal_log_updates)
+
+    async def _signal_log_updates(self) -> None:
+        """SET_LOG_FD: signal the eventfd when the log was written since the
+        last look (vhost-user.rst, "Migration")."""
+        seen = self.dirty_log.updates
+        while True:
+            await trio.sleep(LOG_FD_INTERVAL)
+            now = self.dirty_log.updates
+            if now != seen and self.log_call.fd is not None:
+                seen = now
+                signal_eventfd(self.log_call.fd)
+
     async def _backend_channel_set(self, ev: E.BackendChannelSet) -> None:
         try:
             require_unix_stream(ev.fd, "back-end channel")
@@ -257,6 +312,8 @@ class Handler:
         E.ConfigWrite: _config_write,
         E.StatusSet: _status_set,
         E.DeviceRequest: _device_request,
+        E.LogBaseSet: _log_base_set,
+        E.LogFdSet: _log_fd_set,
     }
 
     # ------------------------------------------------------------ features
@@ -289,6 +346,9 @@ class Handler:
         for slot in running:
             self._configure(slot, req)
             self.runtime.spawn(slot)
+        if self.force_dirty_log and self.memory.regions:
+            self._private_log()
+            self._sync_log()
         if self.runtime.ring_impl == "python" and not all(r.sealed for r in self.memory.regions):
             log.warning("%s: guest memory that cannot be sealed, with the pure-Python ring (--ring python): "
                         "a truncation of it would end the process", self.name)
@@ -304,6 +364,41 @@ class Handler:
                                    in_order=has(features, Transport.IN_ORDER))
         except ValueError as exc:
             raise ProtocolError(req.name, str(exc)) from None
+        self._sync_log()
+
+    # ------------------------------------------------------------ dirty logging
+
+    @property
+    def logging(self) -> bool:
+        """Is the front-end logging (VHOST_F_LOG_ALL accepted, a log mapped)?"""
+        return self.dirty_log.mapped and (self.force_dirty_log or
+                                          bool((self.session.accepted_features or 0) & LOG_ALL))
+
+    def _private_log(self) -> None:
+        """``force_dirty_log``: a log of our own covering the memory table."""
+        top = max(r.end for r in self.memory.regions)
+        size = (top - 1) // (LOG_PAGE * 8) + 1
+        fd = os.memfd_create("vuser-dirty-log", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, size)
+        self.dirty_log.replace(fd, size, 0)
+
+    def _sync_log(self) -> None:
+        """Hook the dirty log up where it is due, unhook it elsewhere (see
+        the module docstring)."""
+        log_ = self.dirty_log if self.logging else None
+        if (log_ is None) != (self.memory.dirty_log is None):
+            log.info("%s: dirty logging %s", self.name, "on" if log_ is not None else "off")
+        self.memory.set_dirty_log(log_)
+        for slot in self.slots:
+            if slot.vq is None:
+                continue
+            addr = slot.addr
+            if log_ is not None and addr is not None and addr.flags & wire.VRING_F_LOG:
+                slot.vq.set_log(log_, addr.log)
+            elif log_ is not None and addr is not None and self.force_dirty_log:
+                slot.vq.set_log(log_, self.memory.uva_to_gpa(addr.used, 1))
+            else:
+                slot.vq.set_log(None)
 
     def _start_ring(self, slot: QueueSlot) -> None:
         """Spec: a ring starts when its kick fd arrives."""

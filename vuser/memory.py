@@ -48,6 +48,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import cffi
 
 from .fds import HUGETLBFS_MAGIC, TMPFS_MAGIC, FdKindError, fs_type, require_memory_file
+from .rings.base import DirtyLogTarget
 
 try:
     from vuser._native import ffi as _ffi, lib as _lib
@@ -186,6 +187,16 @@ class GuestMemory:
         # Bumped on every change: rings re-resolve their pointers when it moves.
         self.generation = 0
         self.native: Any = _ffi.new("struct vu_mem *") if _ffi is not None else None
+        # Where writes to this memory are marked while the front-end
+        # migrates the guest (vuser.dirtylog); None: logging is off.
+        self.dirty_log: DirtyLogTarget | None = None
+
+    def set_dirty_log(self, log: DirtyLogTarget | None) -> None:
+        """Data paths mark their writes in ``log`` from now on (C ones
+        through ``native.dirty``); None: logging off."""
+        self.dirty_log = log
+        if self.native is not None:
+            self.native.dirty = log.native if log is not None and log.native is not None else _ffi.NULL
 
     # ------------------------------------------------------------ the table
 
@@ -388,11 +399,7 @@ class GuestMemory:
     def read(self, view: memoryview) -> bytes:
         """The bytes of ``view`` (a view handed out by this memory), read
         under the SIGBUS guard: MemoryAccessError if the region shrank."""
-        if _lib is None or not len(view):
-            return bytes(view)
-        out = bytearray(len(view))
-        _guarded_copy(out, view)
-        return bytes(out)
+        return guarded_read(view)
 
     def _region_at(self, gpa: int) -> Region | None:
         for r in self._regions:
@@ -456,6 +463,16 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def guarded_read(view: memoryview) -> bytes:
+    """The bytes of ``view`` (of a mapping a ``Region`` guards), copied
+    under the SIGBUS guard: MemoryAccessError if its file shrank."""
+    if _lib is None or not len(view):
+        return bytes(view)
+    out = bytearray(len(view))
+    _guarded_copy(out, view)
+    return bytes(out)
 
 
 def _guarded_copy(dst: memoryview | bytearray, src: bytes | bytearray | memoryview) -> None:

@@ -15,8 +15,8 @@ Usage::
 
 Dispatch: ``wire.REQUESTS`` says how each request looks and which event it
 becomes; ``Session._CHECKS`` (one entry per request) checks its meaning and
-builds that event.  Requests of protocol features never offered (logging,
-IOTLB, crypto, postcopy, inflight, GPU, shared objects, device state,
+builds that event.  Requests of protocol features never offered (IOTLB,
+crypto, postcopy, inflight, GPU, shared objects, device state,
 cross-endian) have no check: receiving one is a protocol violation,
 reported by name.
 
@@ -41,8 +41,10 @@ MAX_MEM_SLOTS = 64
 
 # Protocol features this implementation can honour.  CONFIG is added only
 # for devices with a config space; RARP / MTU only for devices that ask.
+# LOG_SHMFD: live migration's dirty page log (vuser.dirtylog).
 SUPPORTED_PROTOCOL_FEATURES = (
     (1 << PF.MQ)
+    | (1 << PF.LOG_SHMFD)
     | (1 << PF.REPLY_ACK)
     | (1 << PF.BACKEND_REQ)
     | (1 << PF.STATUS)
@@ -226,6 +228,8 @@ class Session:
         return E.VringNum(req, nr, self._index(req, body.index), num)
 
     def _set_vring_addr(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        if body.flags & ~wire.VRING_F_LOG:
+            raise ProtocolError(req.name, f"unknown flags {body.flags:#x} (only VHOST_VRING_F_LOG is defined)")
         return E.VringAddr(req, nr, self._index(req, body.index), body.flags, body.desc_user_addr,
                            body.used_user_addr, body.avail_user_addr, body.log_guest_addr)
 
@@ -287,6 +291,21 @@ class Session:
         self._require(req, PF.RARP)
         return E.DeviceRequest(req, nr, bytes(body.mac))
 
+    def _set_log_base(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        # Without LOG_SHMFD the log is the front-end's own memory (the
+        # kernel's VHOST_SET_LOG_BASE): nothing a back-end could map.
+        self._require(req, PF.LOG_SHMFD)
+        if len(fds) != 1:
+            raise ProtocolError(req.name, "no log fd attached")
+        if body.mmap_offset + body.mmap_size > 1 << 64:
+            raise ProtocolError(req.name, f"log at offset {body.mmap_offset:#x} size {body.mmap_size:#x} "
+                                          "wraps 2^64")
+        return E.LogBaseSet(req, nr, body.mmap_size, body.mmap_offset, fds[0])
+
+    def _set_log_fd(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
+        # Not tied to a protocol feature (vhost-user.rst; QEMU never sends it).
+        return E.LogFdSet(req, nr, fds[0])
+
     def _net_set_mtu(self, req: R, nr: bool, body: Any, fds: list[int]) -> E.Event:
         self._require(req, PF.MTU)
         return E.DeviceRequest(req, nr, body.u64)
@@ -320,6 +339,8 @@ class Session:
         R.SET_STATUS: _set_status,
         R.SEND_RARP: _send_rarp,
         R.NET_SET_MTU: _net_set_mtu,
+        R.SET_LOG_BASE: _set_log_base,
+        R.SET_LOG_FD: _set_log_fd,
     }
 
     def start_ring(self, index: int) -> None:
@@ -357,6 +378,10 @@ class Session:
                 raise ValueError(f"config read returned {len(data)} bytes, {event.size} asked")
             return wire.encode_reply(req, wire.Config, {"offset": event.offset, "size": event.size,
                                                          "flags": event.flags, "payload": data})
+        if isinstance(event, E.LogBaseSet):
+            # QEMU reads a reply of any size (vhost_user_set_log_base);
+            # libvhost-user and passt send a u64 0, as here.
+            return wire.encode_u64_reply(req, 1 if refused else 0)
         if isinstance(event, E.StatusSet):
             self.negotiation.settle(StatusChange(event.status, event.features_ok_requested, event.accepted),
                                     refused)

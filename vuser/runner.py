@@ -43,11 +43,13 @@ class Runner:
     def __init__(self, device: Device, socket_path: str, *, client: bool = False,
                  control_path: str | None = None, ring_impl: str = "native",
                  plugin: DevicePlugin[Any] | None = None, peer_uids: Sequence[int] | None = None,
-                 ring_state: str | None = None, fd: int | None = None) -> None:
+                 ring_state: str | None = None, fd: int | None = None,
+                 force_dirty_log: bool = False) -> None:
         """``ring_state``: a file where packed rings keep their state across
         vuser restarts (``vuser.ringstate``); None: kept in memory only.
         ``fd``: serve the listening socket inherited as this fd (``--fd``)
-        instead of listening on ``socket_path`` (then only a name)."""
+        instead of listening on ``socket_path`` (then only a name).
+        ``force_dirty_log``: log as if migrating, always (``Handler``)."""
         self.device = device
         self.ring_state = None if ring_state is None or ring_impl != "native" else \
             RingStateFile(ring_state, device.max_queues)
@@ -57,6 +59,7 @@ class Runner:
         self.fd = fd
         self.control_path = control_path
         self.ring_impl = ring_impl
+        self.force_dirty_log = force_dirty_log
         self.plugin = plugin
         self.connection: DeviceConnection | None = None
         self.connections = 0
@@ -67,7 +70,7 @@ class Runner:
         domain): whatever escapes it is logged with its traceback and ends
         that connection only; the next one is served."""
         conn = DeviceConnection(self.device, sock, ring_impl=self.ring_impl, name=self.device.name,
-                                ring_state=self.ring_state)
+                                ring_state=self.ring_state, force_dirty_log=self.force_dirty_log)
         self.connection = conn
         self.connections += 1
         try:

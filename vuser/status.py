@@ -3,8 +3,8 @@
 For one socket: the device (name, virtio id, offered features by name),
 the socket (path, server or client mode, connections served), the live
 connection (messages, features accepted and negotiated, protocol
-features, status, ring error, queue layout with each queue's role and
-counters) and the device's own figures (``Device.status``), which are also
+features, status, ring error, the dirty log of a live migration, queue
+layout with each queue's role and counters) and the device's own figures (``Device.status``), which are also
 copied to the top level without shadowing a generic key (the balloon's
 target, actual, bytes_released ...).  Several sockets in one process (net
 ports) give ``{"device", "sockets": [...], "device_status"}``.
@@ -34,6 +34,10 @@ def connection_status(conn: DeviceConnection) -> dict[str, Any]:
         "status": s.status,
         "needs_reset": s.needs_reset,
         "ring_error": None if broken is None else str(broken),
+        # Live migration: whether the front-end has the back-end log its
+        # writes now, the log's size and how many writes it took so far.
+        "dirty_log": {"logging": conn.handler.logging, "size": conn.handler.dirty_log.size,
+                      "updates": conn.handler.dirty_log.updates, "outside": conn.handler.dirty_log.outside},
         "queue_policy": layout.policy,
         "queues": [
             {"index": slot.index, "role": layout.roles.get(slot.index), "size": slot.num,

@@ -17,6 +17,14 @@ Error handling
     memory raise ``MemoryAccessError`` from ``configure``; a bad queue size
     raises ``ValueError``; so do bad arguments to ``push``.
 
+Dirty logging (live migration)
+    While the front-end has logging on, the ring marks its own used-ring
+    writes in the log ``set_log`` gave it (``vuser.rings``), and ``push``
+    marks the bytes a Python device wrote into each chain: the ``written``
+    length, over the chain's device-writable segments in order (the
+    device never sees guest addresses, so the framework logs for it).  The
+    chains' segments are remembered from pop to push for that.
+
 Resource handling
     The queue holds views of its ring areas, which keeps their mapping
     alive while it exists.  When the memory table changes under a
@@ -33,7 +41,7 @@ from typing import Any, Sequence, cast
 
 from .memory import GuestMemory, MemoryAccessError
 from .rings import Ring, RingError, native_available, ring_class
-from .rings.base import MAX_QUEUE_SIZE, NO_BYTE_LIMIT
+from .rings.base import MAX_QUEUE_SIZE, NO_BYTE_LIMIT, DirtyLogTarget
 from .rings.errors import DESCRIPTIONS, ERROR_NAMES
 
 __all__ = ["Chain", "RingError", "VirtQueue", "MemoryAccessError", "native_available"]
@@ -74,6 +82,11 @@ class VirtQueue:
         self._ro: list[memoryview] = []     # per region: read-only view (device-readable buffers)
         self._rw: list[memoryview] = []     # per region: writable view (device-writable buffers)
         self._seg_cap = 0
+        self._gpas: list[int] = []          # per region: its guest-physical address
+        # Device-writable pieces (gpa, length) of each chain popped and not
+        # pushed yet, by head: what push marks dirty.
+        self._writable: dict[int, list[tuple[int, int]]] = {}
+        self._log: tuple[DirtyLogTarget, int] | None = None
 
     # ------------------------------------------------------------ set-up
 
@@ -99,6 +112,22 @@ class VirtQueue:
             raise ValueError(f"{ERROR_NAMES[rc]}: {DESCRIPTIONS[rc]} (base {base:#x}, size {num})")
         self._params = (num, gpas, bool(event_idx), bool(in_order))
         self.error = None
+        self._apply_log()
+
+    def set_log(self, log: DirtyLogTarget | None, used_gpa: int = 0) -> None:
+        """Mark the ring's used-area writes in ``log`` at ``used_gpa`` (the
+        front-end's log_guest_addr) from now on, across re-configuration;
+        None: stop."""
+        self._log = None if log is None else (log, used_gpa)
+        self._apply_log()
+
+    def _apply_log(self) -> None:
+        if self._params is None:
+            return
+        if self._log is None:
+            self._ring.set_log(None, 0, 0)
+        else:
+            self._ring.set_log(self._log[0], self._log[1], self._params[1][0])
 
     def shaped(self, num: int, event_idx: bool, in_order: bool) -> bool:
         """Configured with this size and these ring features?"""
@@ -118,6 +147,7 @@ class VirtQueue:
         for a in old:
             a.release()
         self._params = (num, gpas, event_idx, in_order)
+        self._apply_log()
 
     def _attach(self, num: int, gpas: tuple[int, int, int]) -> None:
         """Find the ring areas in memory (MemoryAccessError if not)."""
@@ -126,6 +156,7 @@ class VirtQueue:
                        for gpa, size in zip(gpas, self._ring.area_sizes(num))]
         self._ro = [r.readonly for r in mem.regions]
         self._rw = [r.view for r in mem.regions]
+        self._gpas = [r.gpa for r in mem.regions]
         self._generation = mem.generation
         self._seg_cap = self._max_segs_wanted or 2 * max(num, 1024)
 
@@ -138,6 +169,7 @@ class VirtQueue:
         self._areas = []
         self._ro = []
         self._rw = []
+        self._writable.clear()
 
     def _ready(self) -> bool:
         """Configured, with ring pointers valid for the current memory table."""
@@ -224,7 +256,7 @@ class VirtQueue:
         chains: list[Chain] = []
         if not self._ready() or self.error is not None:
             return chains
-        ro, rw = self._ro, self._rw
+        ro, rw, gpas, writable = self._ro, self._rw, self._gpas, self._writable
         while len(chains) < max_chains:
             want = max_chains - len(chains)
             rc, batch, segs = self._ring.pop(self.memory, want, self._seg_cap, max_bytes)
@@ -232,6 +264,9 @@ class VirtQueue:
             chains += [Chain(head, views[first:first + nread], views[first + nread:first + nsegs],
                              out_len, in_len, ndescs)
                        for first, nsegs, nread, out_len, in_len, head, ndescs in batch]
+            for first, nsegs, nread, _, in_len, head, _ in batch:
+                if in_len:
+                    writable[head] = [(gpas[r] + o, n) for o, n, r, _ in segs[first + nread:first + nsegs]]
             if rc < 0:
                 self.error = RingError(rc)
                 break
@@ -256,11 +291,27 @@ class VirtQueue:
         index once per batch.  A no-op on an unconfigured (stopped) queue."""
         if not self._ready() or not used:
             return
+        self._log_written(used)
         for start in range(0, len(used), self.num):  # a batch holds at most num entries
             part = used[start:start + self.num]
             rc = self._ring.push(part)
             if rc:
                 raise ValueError(f"{ERROR_NAMES[rc]}: {DESCRIPTIONS[rc]}: {list(part)!r}")
+
+    def _log_written(self, used: Sequence[tuple[int, int]]) -> None:
+        """Forget the pushed chains' segments; while logging, mark the
+        first ``written`` bytes of each dirty (see the module docstring)."""
+        log = self.memory.dirty_log
+        writable = self._writable
+        for head, written in used:
+            pieces = writable.pop(head, None)
+            if log is None or not pieces or written <= 0:
+                continue
+            for gpa, n in pieces:
+                log.write(gpa, min(n, written))
+                written -= n
+                if written <= 0:
+                    break
 
     def need_notify(self) -> bool:
         """Whether the guest wants an interrupt for what was pushed."""

@@ -61,6 +61,9 @@ MAX_FDS = 8
 # bit 8 says "no fd attached: poll instead".
 VRING_IDX_MASK = 0xFF
 VRING_NOFD_MASK = 1 << 8
+# SET_VRING_ADDR flags: VHOST_VRING_F_LOG, log the ring's used-ring writes
+# at log_guest_addr (vhost-user.rst, "Migration").
+VRING_F_LOG = 1 << 0
 
 # Feature bit that advertises GET/SET_PROTOCOL_FEATURES (the spec reuses the
 # reserved virtio bit 30).
@@ -233,9 +236,9 @@ REQUESTS: Mapping[Request, MessageSpec] = {
     Request.SET_OWNER: _fixed(Empty, E.OwnerSet),
     Request.RESET_OWNER: _fixed(Empty, E.RingsReset),
     Request.SET_MEM_TABLE: MessageSpec(MemTable, _mem_table_size, E.MemTableSet, fds=(0, MAX_MEM_TABLE_REGIONS)),
-    Request.SET_LOG_BASE: _fixed(Log, E.Unsupported, fds=(0, 1), reply=U64, also=(8,),
+    Request.SET_LOG_BASE: _fixed(Log, E.LogBaseSet, fds=(0, 1), reply=U64,
                                  reply_with=ProtocolFeature.LOG_SHMFD),
-    Request.SET_LOG_FD: _fixed(Empty, E.Unsupported, fds=(1, 1), also=(8,)),
+    Request.SET_LOG_FD: _fixed(Empty, E.LogFdSet, fds=(1, 1), also=(8,)),
     Request.SET_VRING_NUM: _fixed(VringState, E.VringNum),
     Request.SET_VRING_ADDR: _fixed(VringAddr, E.VringAddr),
     Request.SET_VRING_BASE: _fixed(VringState, E.VringBase),

@@ -36,6 +36,12 @@ Pieces:
   ``await wait_used(count, timeout)`` -> ``[UsedElem(head, length, data, token)]``.
 * ``GuestRam`` (memory.py): memfd regions with gaps, non-zero mmap
   offsets and QEMU-like front-end virtual addresses.
+* ``Migration`` (migration.py): QEMU's live migration against the
+  back-end -- SET_LOG_BASE, LOG_ALL, the rings' log flag, RAM iterations,
+  stop-and-copy, cancel, memory hot-plug's bigger log, the destination's
+  start from the source's ring bases -- and ``check()``: the destination's
+  copy of guest memory, resent page by page as the back-end's log and the
+  driver's own writes say, must equal guest memory at the end.
 
 Example::
 

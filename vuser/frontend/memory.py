@@ -31,6 +31,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from vuser.dirtylog import LOG_PAGE
+
 PAGE_SIZE = mmap.PAGESIZE
 
 # q35's low-memory hole: RAM below 0xa0000, VGA/ROM window up to 0xc0000.
@@ -164,6 +166,8 @@ class GuestRam:
         self.identity = False
         self.sealable = True
         self.closed = False
+        # Pages the driver side wrote while tracking (``track_writes``).
+        self.written: set[int] | None = None
 
     # ---------------------------------------------------------- creation
 
@@ -329,6 +333,19 @@ class GuestRam:
 
     # ---------------------------------------------------------- access
 
+    def track_writes(self, on: bool = True) -> set[int]:
+        """Record the guest-physical pages (dirty log pages, 4 KiB, by
+        number) the driver side writes from now
+        on (``on=False``: stop) -- what a hypervisor's own dirty tracking
+        sees of the guest's CPUs during a migration.  Returns the set that
+        fills up (``written``)."""
+        self.written = set() if on else None
+        return self.written if self.written is not None else set()
+
+    def _wrote(self, gpa: int, length: int) -> None:
+        if self.written is not None and length:
+            self.written.update(range(gpa // LOG_PAGE, (gpa + length - 1) // LOG_PAGE + 1))
+
     def read(self, gpa: int, length: int) -> bytes:
         mm, off = self._locate(gpa, length)
         return mm[off:off + length]
@@ -336,13 +353,16 @@ class GuestRam:
     def write(self, gpa: int, data: bytes) -> None:
         mm, off = self._locate(gpa, len(data))
         mm[off:off + len(data)] = data
+        self._wrote(gpa, len(data))
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         self.write(gpa, bytes([byte]) * length)
 
     def pack(self, fmt: str, gpa: int, *values: int) -> None:
-        mm, off = self._locate(gpa, struct.calcsize(fmt))
+        size = struct.calcsize(fmt)
+        mm, off = self._locate(gpa, size)
         struct.pack_into(fmt, mm, off, *values)
+        self._wrote(gpa, size)
 
     def unpack(self, fmt: str, gpa: int) -> tuple[Any, ...]:
         mm, off = self._locate(gpa, struct.calcsize(fmt))

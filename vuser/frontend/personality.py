@@ -24,8 +24,9 @@ from vuser.wire import Request
 
 # Protocol features the harness can honour.  Anything else is masked out
 # of SET_PROTOCOL_FEATURES whatever the personality would accept.
+# LOG_SHMFD: the dirty log of a migration (vuser.frontend.migration).
 HARNESS_PROTOCOL_FEATURES = mask(
-    PF.MQ, PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIG, PF.BACKEND_SEND_FD,
+    PF.MQ, PF.LOG_SHMFD, PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIG, PF.BACKEND_SEND_FD,
     PF.RESET_DEVICE, PF.CONFIGURE_MEM_SLOTS, PF.STATUS,
 )
 

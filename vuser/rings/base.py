@@ -63,6 +63,20 @@ class RingMemory(Protocol):
     def native(self) -> Any: ...
 
 
+class DirtyLogTarget(Protocol):
+    """A dirty page log (``vuser.dirtylog``): where writes to guest memory
+    are marked while the front-end migrates the guest."""
+
+    def write(self, gpa: int, length: int) -> None:
+        """Mark the pages of guest-physical ``[gpa, gpa + length)``."""
+        ...
+
+    @property
+    def native(self) -> Any:
+        """The ``struct vu_log *`` C paths mark pages in (None without C)."""
+        ...
+
+
 class Ring(Protocol):
     """One ring's device side.  Methods return 0 / a count / a flag, or a
     negative error code (``vuser.rings.errors``)."""
@@ -93,6 +107,14 @@ class Ring(Protocol):
 
     def clear(self) -> None:
         """Forget the areas: nothing touches memory until the next init."""
+        ...
+
+    def set_log(self, log: DirtyLogTarget | None, used_gpa: int, desc_gpa: int) -> None:
+        """Mark every write to the used area (split) or device area (packed)
+        in ``log`` at ``used_gpa`` + its offset (SET_VRING_ADDR's
+        log_guest_addr), and a packed ring's used descriptors at
+        ``desc_gpa`` + theirs; None: stop (vring.h, "Dirty logging").
+        ``init`` forgets it."""
         ...
 
     def pop(self, memory: RingMemory, max_chains: int, max_segs: int,

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Sequence
 from ..virtio import AvailFlag, DescFlag, EventFlags, UsedFlag
 from .base import (
     MAX_CHAIN_DESCS,
+    DirtyLogTarget,
     MAX_INDIRECT,
     MAX_QUEUE_SIZE,
     MAX_REGIONS,
@@ -122,6 +123,15 @@ class _NativeRing:
             (_lib.VU_RING_IN_ORDER if in_order else 0)
         ids_len = 2 * self._chain_cap if self._ids != _ffi.NULL else 0
         return int(_lib.vu_vring_init(self._vr, num, *pointers, flags, base & 0xFFFF_FFFF, self._ids, ids_len))
+
+    def set_log(self, log: DirtyLogTarget | None, used_gpa: int, desc_gpa: int) -> None:
+        vr = self._vr
+        native = log.native if log is not None else None
+        if log is not None and native is None:
+            raise ValueError("a C ring marks pages in a C dirty log (struct vu_log)")
+        vr.dirty = native if native is not None else _ffi.NULL
+        vr.dirty_used = used_gpa & 0xFFFF_FFFF_FFFF_FFFF
+        vr.dirty_desc = desc_gpa & 0xFFFF_FFFF_FFFF_FFFF
 
     def rebind(self, areas: Sequence[memoryview]) -> int:
         old = self._handles

@@ -19,7 +19,16 @@ import struct
 from typing import Any, ClassVar, Sequence
 
 from ..virtio import DescFlag, EventFlags
-from .base import MAX_QUEUE_SIZE, NO_BYTE_LIMIT, ChainTuple, PopResult, RegionLike, RingMemory, SegTuple
+from .base import (
+    MAX_QUEUE_SIZE,
+    NO_BYTE_LIMIT,
+    ChainTuple,
+    DirtyLogTarget,
+    PopResult,
+    RegionLike,
+    RingMemory,
+    SegTuple,
+)
 from .errors import (
     ERR_BASE,
     ERR_CHAIN_SEGS,
@@ -48,6 +57,7 @@ EVENT_SIZE = 4                   # struct pvirtq_event_suppress: off_wrap, flags
 EVENT_FLAGS_OFF = 2
 WRAP_BIT = 15
 IDX_MASK = 0x7FFF
+U64_MASK = (1 << 64) - 1
 EVENT_ENABLE, EVENT_DISABLE, EVENT_DESC = int(EventFlags.ENABLE), int(EventFlags.DISABLE), int(EventFlags.DESC)
 AVAIL, USED = int(DescFlag.AVAIL), int(DescFlag.USED)
 NEXT, WRITE, INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
@@ -107,6 +117,7 @@ class PyPackedRing:
         self.log_start = self.log_end = self.inflight = self.unsignalled = 0
         self.event_written = 0
         self.popped = 0
+        self.set_log(None, 0, 0)
 
     # ------------------------------------------------------------ set-up
 
@@ -157,9 +168,22 @@ class PyPackedRing:
     def _log(self, k: int) -> int:
         return self.num + k % self.num
 
+    def set_log(self, log: DirtyLogTarget | None, used_gpa: int, desc_gpa: int) -> None:
+        self._dirty_log, self._dirty_used, self._dirty_desc = log, used_gpa, desc_gpa
+
+    def _dirty(self, base: int, off: int, length: int) -> None:
+        """Mark [off, off + length) of the area at ``base`` (vring.h, "Dirty logging")."""
+        if self._dirty_log is not None:
+            self._dirty_log.write((base + off) & U64_MASK, length)
+
     def _write_event(self) -> None:
         self.event_written = self.last_avail_idx | self.avail_wrap << WRAP_BIT
         U16.pack_into(self.device, 0, self.event_written)
+        self._dirty(self._dirty_used, 0, 2)
+
+    def _write_event_flags(self, flags: int) -> None:
+        U16.pack_into(self.device, EVENT_FLAGS_OFF, flags)
+        self._dirty(self._dirty_used, EVENT_FLAGS_OFF, 2)
 
     def _flags_at(self, slot: int) -> int:
         return int(U16.unpack_from(self.desc, DESC_SIZE * slot + FLAGS_OFF)[0])
@@ -295,9 +319,11 @@ class PyPackedRing:
                 first = (at, flags)
             else:
                 U16.pack_into(self.desc, DESC_SIZE * at + FLAGS_OFF, flags)
+                self._dirty(self._dirty_desc, DESC_SIZE * at + LEN_OFF, DESC_SIZE - LEN_OFF)
             at, at_wrap = pos, wrap
         assert first is not None
         U16.pack_into(self.desc, DESC_SIZE * first[0] + FLAGS_OFF, first[1])
+        self._dirty(self._dirty_desc, DESC_SIZE * first[0] + LEN_OFF, DESC_SIZE - LEN_OFF)
         self.used_idx, self.used_wrap = pos, wrap
         self.unsignalled = min(self.unsignalled + total, self.num)
         self.inflight -= n
@@ -331,12 +357,12 @@ class PyPackedRing:
             return
         self.notification = bool(enable)
         if not enable:
-            U16.pack_into(self.device, EVENT_FLAGS_OFF, EVENT_DISABLE)
+            self._write_event_flags(EVENT_DISABLE)
         elif self.event_idx:
             self._write_event()
-            U16.pack_into(self.device, EVENT_FLAGS_OFF, EVENT_DESC)
+            self._write_event_flags(EVENT_DESC)
         else:
-            U16.pack_into(self.device, EVENT_FLAGS_OFF, EVENT_ENABLE)
+            self._write_event_flags(EVENT_ENABLE)
 
     def avail_pending(self) -> int:
         if self.num == 0 or self.broken:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Sequence
 from ..virtio import AvailFlag, DescFlag, UsedFlag
 from .base import (
     MAX_QUEUE_SIZE,
+    DirtyLogTarget,
     NO_BYTE_LIMIT,
     ChainTuple,
     PopResult,
@@ -51,6 +52,7 @@ _USED_ELEM = struct.Struct("<II")
 # used->ring[0] both sit after a 4-byte header.
 RING_HDR = 4
 USED_ELEM_SIZE = 8
+U64_MASK = (1 << 64) - 1
 
 
 def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
@@ -99,6 +101,7 @@ class PySplitRing:
         self.broken = False
         self.error = 0
         self.popped = 0
+        self.set_log(None, 0, 0)
 
     # ------------------------------------------------------------ set-up
 
@@ -118,6 +121,19 @@ class PySplitRing:
         self.event_idx = bool(event_idx)
         self.notification = True
         return 0
+
+    def set_log(self, log: DirtyLogTarget | None, used_gpa: int, desc_gpa: int) -> None:
+        self._dirty_log, self._dirty_used = log, used_gpa
+
+    def _dirty(self, off: int, length: int) -> None:
+        """Mark bytes [off, off + length) of the used ring (vring.h, "Dirty logging")."""
+        if self._dirty_log is not None:
+            self._dirty_log.write((self._dirty_used + off) & U64_MASK, length)
+
+    def _write_avail_event(self) -> None:
+        off = RING_HDR + USED_ELEM_SIZE * self.num
+        U16.pack_into(self.used, off, self.last_avail_idx)
+        self._dirty(off, 2)
 
     def rebind(self, areas: Sequence[memoryview]) -> int:
         rc = rebind_check(self.num, areas, split_area_sizes(self.num))
@@ -139,7 +155,7 @@ class PySplitRing:
         self.last_avail_idx = (self.last_avail_idx - n) & 0xFFFF
         self.popped = (self.popped - n) & 0xFFFF_FFFF
         if self.event_idx and self.notification:
-            U16.pack_into(self.used, RING_HDR + USED_ELEM_SIZE * self.num, self.last_avail_idx)
+            self._write_avail_event()
         return 0
 
     # ------------------------------------------------------------ pop
@@ -186,7 +202,7 @@ class PySplitRing:
             self.broken = True
             self.error = rc
         if self.last_avail_idx != start and self.event_idx and self.notification:
-            U16.pack_into(self.used, RING_HDR + USED_ELEM_SIZE * self.num, self.last_avail_idx)
+            self._write_avail_event()
         self.popped = (self.popped + len(chains)) & 0xFFFF_FFFF
         return rc, chains, segs
 
@@ -246,6 +262,12 @@ class PySplitRing:
         new = (old + n) & 0xFFFF
         U16.pack_into(self.used, 2, new)
         self.used_idx = new
+        if self._dirty_log is not None:  # the elements (wrapping at most once), the index
+            slot = old & mask
+            first = min(n, self.num - slot)
+            self._dirty(RING_HDR + USED_ELEM_SIZE * slot, USED_ELEM_SIZE * first)
+            self._dirty(RING_HDR, USED_ELEM_SIZE * (n - first))
+            self._dirty(2, 2)
         if _s16(new - self.signalled_used) < ((new - old) & 0xFFFF):
             self.signalled_used_valid = False
         return 0
@@ -270,11 +292,12 @@ class PySplitRing:
         self.notification = bool(enable)
         if self.event_idx:
             if enable:
-                U16.pack_into(self.used, RING_HDR + USED_ELEM_SIZE * self.num, self.last_avail_idx)
+                self._write_avail_event()
         else:
             flags = U16.unpack_from(self.used, 0)[0]
             flags = flags & ~int(UsedFlag.NO_NOTIFY) & 0xFFFF if enable else flags | UsedFlag.NO_NOTIFY
             U16.pack_into(self.used, 0, flags)
+            self._dirty(0, 2)
 
     def avail_pending(self) -> int:
         if self.num == 0 or self.broken:

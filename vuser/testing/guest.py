@@ -261,7 +261,8 @@ async def boot_guest(qemu: str = DEFAULT_QEMU, kernel: str = DEFAULT_KERNEL, *,
                      initramfs: str | os.PathLike[str] | None = None,
                      watch: Sequence[Companion] = (),
                      extra_diagnostics: Callable[[], str] | None = None,
-                     guest_type: type[Guest] = Guest) -> AsyncIterator[Guest]:
+                     guest_type: type[Guest] = Guest,
+                     incoming: str | None = None) -> AsyncIterator[Guest]:
     """Boot a guest and yield a :class:`Guest` once its command server answers.
 
     ``qemu``: manifest key ("7.2", "11") or alias ("bookworm", "sid").
@@ -276,6 +277,11 @@ async def boot_guest(qemu: str = DEFAULT_QEMU, kernel: str = DEFAULT_KERNEL, *,
     :class:`DeviceExited`; ``extra_diagnostics`` is appended to every
     error's diagnostics (their logs).  ``guest_type``: a :class:`Guest`
     subclass to build.
+    ``incoming``: the destination of a live migration (QEMU's ``-incoming
+    ADDR``, e.g. ``unix:PATH``): QEMU starts and waits for the migration
+    instead of booting; the guest arrives with its command server running,
+    so no greeting is waited for -- send commands once the migration
+    completed (``query-migrate`` on the source, ``query-status`` here).
     """
     qinfo = qemu_info(qemu)
     kinfo = kernel_info(kernel)
@@ -292,7 +298,7 @@ async def boot_guest(qemu: str = DEFAULT_QEMU, kernel: str = DEFAULT_KERNEL, *,
                         console_log=str(wdir / "console.log"),
                         qmp_socket=str(wdir / "qmp.sock"),
                         kernel_cmdline_extra=kernel_cmdline_extra,
-                        extra_args=extra_args, smp=smp)
+                        extra_args=[*extra_args, *(["-incoming", incoming] if incoming else [])], smp=smp)
     guest = guest_type(qemu=qinfo, kernel=kinfo, workdir=wdir, argv=argv)
     guest.companions = list(watch)
     guest.extra_diagnostics = extra_diagnostics
@@ -312,10 +318,10 @@ async def boot_guest(qemu: str = DEFAULT_QEMU, kernel: str = DEFAULT_KERNEL, *,
                 sock, _ = await guest._until_exit(listener.accept, "waiting for it to connect")
                 guest._channel = CommandChannel(trio.SocketStream(sock), guard=guest._until_exit,
                                                 diagnostics=guest.diagnostics)
-                release = await guest._channel.wait_ready()
+                release = guest.kernel_version if incoming else await guest._channel.wait_ready()
             if scope.cancelled_caught:
                 raise guest._error(GuestTimeout, f"guest did not boot within {timeout}s")
-            guest.boot_seconds = time.monotonic() - t0
+            guest.boot_seconds = None if incoming else time.monotonic() - t0
             if release != guest.kernel_version:
                 raise guest._error(GuestError, f"guest runs kernel {release}, manifest says "
                                    f"{guest.kernel_version}: {HOW_TO_PROVISION}")
