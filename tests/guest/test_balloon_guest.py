@@ -41,6 +41,11 @@ async def meminfo(guest: Guest) -> dict[str, int]:
     return values
 
 
+async def vmstat(guest: Guest) -> dict[str, int]:
+    out = (await guest.check("cat /proc/vmstat")).stdout
+    return {key: int(value) for key, value in (line.split() for line in out.splitlines() if line.strip())}
+
+
 def balloon_guest(vuser_guest: Lab, spec: str = "", kernel: str = "bookworm") -> Any:
     """A QEMU 11 guest of 512 MiB with ``balloon SPEC`` served in-process."""
     return vuser_guest(f"balloon {spec}", qemu="11", kernel=kernel, memory="512M", serve="in-process")
@@ -72,6 +77,7 @@ async def test_inflate_deflate_releases_host_memory(vuser_guest, kernel: str) ->
         dev = balloon_of(guest)
         await touch(guest, 200)
         before_guest = await meminfo(guest)
+        before_vm = await vmstat(guest)
         before_rss = rss_shmem(guest.pid)
 
         dev.set_target(target // PAGE_SIZE)
@@ -79,6 +85,7 @@ async def test_inflate_deflate_releases_host_memory(vuser_guest, kernel: str) ->
         await wait_until(lambda: dev.actual * PAGE_SIZE >= target, WAIT, "inflate", interval=POLL)
         took = time.monotonic() - t0
         after_guest = await meminfo(guest)
+        after_vm = await vmstat(guest)
         after_rss = rss_shmem(guest.pid)
         released = before_rss - after_rss
         print(f"kernel {kernel}: inflated {target >> 20} MiB in {took:.2f}s; QEMU RssShmem "
@@ -88,8 +95,14 @@ async def test_inflate_deflate_releases_host_memory(vuser_guest, kernel: str) ->
         assert dev.status()["bytes_released"] >= target
         # The host really got the memory back: at least 90% of the balloon.
         assert released >= 0.9 * target, (before_rss, after_rss)
-        # The guest sees the memory gone.
-        assert before_guest["MemFree"] - after_guest["MemFree"] >= 0.9 * target
+        # The guest sees the memory gone: its own count of balloon pages is
+        # exact. MemFree is not: the allocator serves part of the balloon
+        # from per-CPU lists MemFree never counted (CI saw 112 of 128 MiB on
+        # 7.2), so it only has to show most of it.
+        if "balloon_inflate" in after_vm:
+            inflated = after_vm["balloon_inflate"] - before_vm["balloon_inflate"]
+            assert inflated * PAGE_SIZE >= target, (inflated, target // PAGE_SIZE)
+        assert before_guest["MemFree"] - after_guest["MemFree"] >= 0.75 * target
         # The queue layout the Linux driver used: inflate buffers on 0.
         q = await queues(guest)
         assert q[0]["role"] == "inflateq" and q[0]["buffers"] > 0
