@@ -1156,9 +1156,12 @@ static inline __attribute__((always_inline)) void tx_frame(struct vu_net_switch 
  * chains were handled (the rest, over the budget, are given back by the
  * caller); stops early when the sender's own memory faulted. */
 static uint32_t tx_batch(struct vu_net_switch *sw, struct vu_net_port *p, uint32_t port, uint32_t qp,
-                         uint8_t *hdr, uint32_t hdr_len, uint32_t nc)
+                         uint8_t *hdr, uint32_t hdr_len, uint32_t chains)
 {
     struct vu_guard_frame g;
+    /* volatile: read again after a siglongjmp (gcc's -Wclobbered, which
+     * the sanitizer build's register allocation trips over). */
+    volatile uint32_t nc = chains;
     uint32_t k;
 
     sw->tx_next = 0;
