@@ -14,7 +14,8 @@
  *      1-h, 1-k: good->bad, bad->good, loss in bad, loss in good);
  *   3. corrupt (probability, correlation): one random bit of the frame
  *      after its Ethernet header is flipped; nothing is fixed (checksums
- *      stay wrong, as on a wire);
+ *      stay wrong, as on a wire: net.c completes partial checksums for a
+ *      port that corrupts, and passes no DATA_VALID to it);
  *   4. reorder (probability, correlation, gap): with a gap set, every
  *      gap-th frame (or, past the gap, with the probability) goes out at
  *      once, ahead of frames still delayed; the others are delayed;

@@ -745,8 +745,8 @@ static void deliver_now(struct vu_net_switch *sw, struct vu_net_port *d, uint32_
 
 /* A frame for an impaired port (impair.h): lost, duplicated, corrupted (a
  * copy in impair_scratch, with the header room in front), delivered now
- * or held until due.  DATA_VALID is never passed on: the guest checks
- * checksums, so corruption shows as it would on a wire. */
+ * or held until due.  While the port corrupts, DATA_VALID is not passed
+ * on: the guest checks checksums, so corruption shows as on a wire. */
 static void deliver_impaired(struct vu_net_switch *sw, struct vu_net_port *d, uint32_t src_qp,
                              uint8_t *frame, uint32_t len, const struct vnet_hdr *h)
 {
@@ -755,7 +755,8 @@ static void deliver_impaired(struct vu_net_switch *sw, struct vu_net_port *d, ui
     struct vnet_hdr plain = *h;
     uint32_t n = vu_impair_decide(im, len, sw->now_us, copies);
 
-    plain.flags &= (uint8_t)~VU_NET_HDR_F_DATA_VALID;
+    if (im->corrupt.p)
+        plain.flags &= (uint8_t)~VU_NET_HDR_F_DATA_VALID;
     for (uint32_t k = 0; k < n; k++) {
         uint8_t *f = frame;
 
@@ -969,9 +970,14 @@ static void deliver_all(struct vu_net_switch *sw, struct vu_net_port *src, struc
 
     for (uint32_t i = 0; i < ndst; i++) {
         struct vu_net_port *d = dsts[i];
-        /* An impaired port takes frames as a wire carries them: segmented,
-         * with full checksums (impair.h). */
-        uint32_t rx_offloads = d->impair ? 0 : d->rx_offloads;
+        /* An impaired port takes frames as a wire carries them, segmented
+         * (loss, delay and rate act per wire frame), and with full
+         * checksums while it corrupts: a flipped bit must fail the guest's
+         * check (netem also completes checksums only to corrupt).  Else a
+         * partial checksum stays partial: nothing to pay per byte. */
+        uint32_t rx_offloads = d->rx_offloads;
+        if (d->impair)
+            rx_offloads = d->impair->corrupt.p ? 0 : rx_offloads & VU_NET_OFF_CSUM;
 
         if (h->gso_type != VU_NET_HDR_GSO_NONE) {
             if (!(rx_offloads & gso_need(h->gso_type))) {

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.skipif(not native_available(), reason="vuser._native is
 
 if native_available():
     from vuser._native import ffi
+    from vuser.devices.net.impair import parse_spec
     from vuser.devices.net.switch import OFF_ALL, OFF_CSUM, PORT_VHOST, NetSwitch, rarp_frame
 from vuser.testing.netframes import (
     DATA_VALID,
@@ -445,6 +446,28 @@ def test_partial_checksum(pair: Any, v6: bool, capable: bool) -> None:
         assert parse_tcp(got).payload == b"payload" * 100
         assert got[:50] == frame[:50] and h.flags & NEEDS_CSUM == 0 and h.flags & DATA_VALID == 0
         assert stats(sw, 1)["rx_csum"] == 1
+
+
+@pytest.mark.parametrize("spec", [["loss=0%"], ["corrupt=100%"]], ids=["no_corruption", "corrupting"])
+def test_impaired_port_completes_checksums_only_to_corrupt(pair: Any, spec: list[str]) -> None:
+    """A port that takes partial checksums keeps them under an impairment
+    that never corrupts (nothing to pay per byte); one that corrupts gets
+    them completed and no DATA_VALID, so the flipped bit fails its check."""
+    sw, a, b = pair(a={"tx_offloads": OFF_CSUM}, b={"rx_offloads": OFF_CSUM})
+    sw.impair(sw.ports[1], parse_spec(spec))
+    b.add_rx(4096)
+    frame = tcp_frame(b"payload" * 100, partial=True)
+    hdr = offload_hdr(frame)
+    a.send(frame, hdr=hdr.pack())
+    sw.tx_burst(sw.ports[0], 0)
+    headers: list[bytes] = []
+    (got,), _ = b.received(headers)
+    h = VnetHdr.unpack(headers[0])
+    if spec == ["loss=0%"]:
+        assert got == frame and h == hdr and stats(sw, 1)["rx_csum"] == 0
+    else:
+        assert h.flags & (NEEDS_CSUM | DATA_VALID) == 0 and stats(sw, 1)["rx_csum"] == 1
+        assert got[:14] == frame[:14] and len(got) == len(frame) and got != frame
 
 
 def test_offload_not_negotiated_is_dropped(pair: Any) -> None:
