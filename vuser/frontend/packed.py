@@ -104,22 +104,32 @@ class PackedDriverQueue(DriverQueueBase):
         as a driver would (each with its lap's AVAIL/USED bits when
         ``lap_bits``, the first one's flags last) without recording a
         chain: hostile rings for tests and the fuzzer."""
+        slots, head_flags = self._write_chain(descs, lap_bits=lap_bits)
+        if slots:
+            self.memory.pack("<H", self.desc_gpa + DESC_SIZE * slots[0] + FLAGS_OFF, head_flags)
+
+    def _write_chain(self, descs: list[tuple[int, int, int, int]], *,
+                     lap_bits: bool = True) -> tuple[list[int], int]:
+        """Write ``descs`` at the next slots, all but the head's flags (the
+        write that makes the chain available, 2.8.21, left to the caller),
+        and move past them; the slots taken and the head's flags."""
         slot, wrap = self.next_avail, self.avail_wrap
-        first: tuple[int, int] | None = None
+        slots: list[int] = []
+        head_flags = 0
         for addr, length, buffer_id, flags in descs:
             if lap_bits:
                 flags |= avail_flags(wrap)
-            if first is None:
-                first = (slot, flags)
+            if not slots:
+                head_flags = flags
                 self.memory.pack("<QIH", self.desc_gpa + DESC_SIZE * slot, addr, length, buffer_id)
             else:
                 self.write_desc(slot, addr, length, buffer_id, flags)
+            slots.append(slot)
             slot += 1
             if slot == self.num:
                 slot, wrap = 0, wrap ^ 1
-        if first is not None:
-            self.memory.pack("<H", self.desc_gpa + DESC_SIZE * first[0] + FLAGS_OFF, first[1])
         self.next_avail, self.avail_wrap = slot, wrap
+        return slots, head_flags
 
     def read_desc(self, slot: int) -> tuple[int, int, int, int]:
         addr, length, buffer_id, flags = self.memory.unpack("<QIHH", self.desc_gpa + DESC_SIZE * slot)
@@ -147,8 +157,6 @@ class PackedDriverQueue(DriverQueueBase):
             raise QueueFull(f"queue {self.index}: {slots} descriptors needed, {self._free_slots} free")
         buffer_id = self._ids.popleft()
         table: int | None = None
-        head, head_wrap = self.next_avail, self.avail_wrap
-        descs: list[int] = []
         if indirect:
             table = self.memory.alloc(DESC_SIZE * len(segments), DESC_SIZE)
             for i, seg in enumerate(segments):
@@ -158,27 +166,14 @@ class PackedDriverQueue(DriverQueueBase):
         else:
             pieces = [(seg.gpa, seg.length, (DescFlag.WRITE if seg.writable else 0)
                        | (DescFlag.NEXT if i < len(segments) - 1 else 0)) for i, seg in enumerate(segments)]
-        slot, wrap = head, head_wrap
-        head_flags = 0
-        for i, (addr, length, flags) in enumerate(pieces):
-            flags |= avail_flags(wrap)
-            descs.append(slot)
-            if i == 0:
-                head_flags = flags
-                self.memory.pack("<QIH", self.desc_gpa + DESC_SIZE * slot, addr, length, buffer_id)
-            else:
-                self.write_desc(slot, addr, length, buffer_id, flags)
-            slot += 1
-            if slot == self.num:
-                slot, wrap = 0, wrap ^ 1
-        self.next_avail, self.avail_wrap = slot, wrap
+        descs, head_flags = self._write_chain([(addr, length, buffer_id, flags) for addr, length, flags in pieces])
         self._free_slots -= len(descs)
         self._in_flight[buffer_id] = InFlight(buffer_id, descs, segments, table, owned, token)
         self._order.append(buffer_id)
         self.stats.added += 1
         self.num_added += len(descs)
         # The head's flags last: that makes the chain available (2.8.21).
-        self._head_flags = (head, head_flags)
+        self._head_flags = (descs[0], head_flags)
         if publish:
             self.publish()
         return buffer_id
