@@ -102,10 +102,11 @@
  *   that span (positions counted modulo 2*num, the wrap counter being the
  *   lap's parity).
  * - Dirty logging: the device area's off_wrap and flags at dirty_used +
- *   0 / 2 when stored; every used descriptor written, as its 8 bytes of
- *   len, id and flags at dirty_desc + 16 * slot + 8 (the used descriptors
- *   live in the descriptor ring, which the front-end's log_guest_addr,
- *   the device area, does not cover).
+ *   0 / 2 when stored; the used descriptors a push wrote, as the span of
+ *   slots it moved over from the first one's len (dirty_desc + 16 * slot
+ *   + 8; one range, or two when it wraps), once per push (the used
+ *   descriptors live in the descriptor ring, which the front-end's
+ *   log_guest_addr, the device area, does not cover).
  * - State (vhost-user GET/SET_VRING_BASE, docs/interop/vhost-user.rst):
  *   bits 0-14 last avail index, bit 15 avail wrap counter, bits 16-30 used
  *   index, bit 31 used wrap counter.  A base whose upper half is 0 is read

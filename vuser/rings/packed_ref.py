@@ -286,6 +286,14 @@ class PyPackedRing:
             seen.add(bid)
         return 0
 
+    def _dirty_span(self, start: int, total: int) -> None:
+        """The slots a push moved over, from the first used descriptor's
+        len: one range, or two when they wrap (vring_packed.c)."""
+        first = min(self.num - start, total)
+        self._dirty(self._dirty_desc, DESC_SIZE * start + LEN_OFF, DESC_SIZE * first - LEN_OFF)
+        if total > first:
+            self._dirty(self._dirty_desc, 0, DESC_SIZE * (total - first))
+
     def _coalesced(self, elems: Sequence[tuple[int, int]], k: int) -> bool:
         return self.in_order and k + 1 < len(elems) and elems[k][1] == 0 and elems[k + 1][1] == 0
 
@@ -319,11 +327,10 @@ class PyPackedRing:
                 first = (at, flags)
             else:
                 U16.pack_into(self.desc, DESC_SIZE * at + FLAGS_OFF, flags)
-                self._dirty(self._dirty_desc, DESC_SIZE * at + LEN_OFF, DESC_SIZE - LEN_OFF)
             at, at_wrap = pos, wrap
         assert first is not None
         U16.pack_into(self.desc, DESC_SIZE * first[0] + FLAGS_OFF, first[1])
-        self._dirty(self._dirty_desc, DESC_SIZE * first[0] + LEN_OFF, DESC_SIZE - LEN_OFF)
+        self._dirty_span(self.used_idx, total)
         self.used_idx, self.used_wrap = pos, wrap
         self.unsignalled = min(self.unsignalled + total, self.num)
         self.inflight -= n
