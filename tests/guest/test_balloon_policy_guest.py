@@ -43,6 +43,11 @@ CEILING = GUEST_MB * MiB - FLOOR      # the balloon the floor allows
 BIG = 320 * MiB                       # what auto must take at least (the guest's reserve stops it near the floor)
 AUTO = "auto:interval=1,floor=128M,step=32M"
 HOG_MIB = 240                         # far more than the guest has at the floor
+# 4 MiB every HOG_PAUSE seconds: 8 MiB/s.  The policy sees the guest's
+# stats every 1-2 s under TCG and the guest's reserve is about 18 MiB: at
+# 16 MiB/s the hog ate the reserve between two looks and the guest's own
+# OOM notifier deflated first (CI, bookworm, an idle machine).
+HOG_PAUSE = 0.5
 WAIT = 180.0                          # seconds for the guest to act under TCG on a loaded machine
 
 
@@ -121,7 +126,7 @@ async def test_auto_inflates_under_host_pressure_and_deflates_before_oom(
         # A hungry program: far more than the guest has left.
         before = await vmstat(guest)
         t0 = time.monotonic()
-        hog = await guest.run(hog_command(HOG_MIB), timeout=WAIT)
+        hog = await guest.run(hog_command(HOG_MIB, pause=HOG_PAUSE), timeout=WAIT)
         hog_s = time.monotonic() - t0
         after = await vmstat(guest)
         status = await vp.status()
