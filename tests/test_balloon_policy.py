@@ -4,6 +4,8 @@ the ``vuser.balloon_policies`` entry-point group."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 import os
 import sys
@@ -177,6 +179,25 @@ def test_guest_short_deflates_past_the_shortfall_even_when_the_host_is_short() -
     answer = auto()(inputs(target=300 * MiB, available=5 * MiB, total=100 * MiB, host_share=0.0))
     assert answer.size == 300 * MiB - 47 * MiB and "guest short" in answer.reason
     assert auto()(inputs(target=10 * MiB, available=0, total=100 * MiB)).size == 0
+
+
+def test_guest_short_looks_ahead_by_what_the_guest_used_between_samples() -> None:
+    # total 200: reserve 40.  Available 60, then 45 with the balloon unmoved:
+    # the guest used 15 a sample, so by the next one it will have 30 --
+    # short by 10: 10 + a step of 32 back now, not a sample too late.
+    policy = auto()
+    first = policy(replace(inputs(target=100 * MiB, available=60 * MiB, total=200 * MiB, host_share=0.25), time=10.0))
+    assert first.size == 100 * MiB
+    again = replace(inputs(target=100 * MiB, available=45 * MiB, total=200 * MiB, host_share=0.25), time=11.0)
+    answer = policy(again)
+    assert answer.size == 100 * MiB - 42 * MiB and "using 15 MiB a sample" in answer.reason
+    # The same sample seen again keeps the estimate; a fall the balloon
+    # itself caused (it took 30 MiB) is no use by the guest.
+    assert policy(replace(again, time=11.2, stats_age=0.7)).size == 58 * MiB
+    grown = replace(inputs(target=130 * MiB, available=15 * MiB + 30 * MiB, total=200 * MiB, host_share=0.25),
+                    time=12.0)
+    assert policy(replace(grown, stats={**grown.stats, "available-memory": 45 * MiB - 30 * MiB + 30 * MiB})).size \
+        == 130 * MiB
 
 
 def test_deflate_on_oom_total_counts_the_balloon_out() -> None:

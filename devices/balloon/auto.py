@@ -31,8 +31,12 @@ Rules, first match wins (sizes in bytes; "total" and "available" are the
 guest's, from its stats):
 
 1. no guest stats yet                 -> hold
-2. guest short                        -> deflate by the shortfall plus a step
-                                         (fast: the guest must not reach OOM)
+2. guest short, or will be by its     -> deflate by the shortfall plus a step
+   next stats at the rate it last        (fast: the guest must not reach OOM)
+   used memory (the fall of its
+   available memory between its last
+   two samples, less what the balloon
+   itself took)
 3. balloon above RAM - floor          -> deflate to RAM - floor
 4. the guest lags more than a step    -> hold (asking for more would only pile
    behind the target                     up an unmet target)
@@ -99,6 +103,10 @@ class AutoPolicy:
         self.pressure = _fraction("pressure", pressure)
         self.relax = _fraction("relax", relax)
         self.guest_free = _fraction("guest-free", guest_free)
+        # The last stats sample seen (its time, available, balloon actual)
+        # and what the guest used between it and the one before (rule 2).
+        self._sample: tuple[float, int, int] | None = None
+        self._use = 0
         if self.relax < self.pressure:
             raise DeviceError(f"relax={relax} is below pressure={pressure}")
         if self.step.of(1 << 30) <= 0:
@@ -113,10 +121,12 @@ class AutoPolicy:
         ceiling = max(0, ram - self.floor.of(ram))
         reserve = int(self.guest_free * total)
         guest = f"guest {available // MiB} of {total // MiB} MiB available"
-        if available < reserve:
-            shortfall = reserve - available
+        use = self._guest_use(inputs, available)
+        if available - use < reserve:
+            shortfall = reserve - (available - use)
+            using = f", using {use // MiB} MiB a sample" if use else ""
             return Target(max(0, target - shortfall - step),
-                          f"guest short: {guest} < {self.guest_free:.0%} reserve")
+                          f"guest short: {guest}{using} < {self.guest_free:.0%} reserve")
         if target > ceiling:
             return Target(ceiling, f"floor: the guest keeps {(ram - ceiling) // MiB} MiB")
         if inputs.actual < target - step:
@@ -133,3 +143,19 @@ class AutoPolicy:
         if share >= self.relax and target > 0:
             return Target(max(0, target - step), f"host has room: {share:.0%} available >= {self.relax:.0%}")
         return Target(target, f"host {share:.0%} available; {guest}")
+
+    def _guest_use(self, inputs: PolicyInput, available: int) -> int:
+        """What the guest itself took between its last two stats samples:
+        the fall of its available memory less what the balloon took (an
+        inflation lowers it too, a deflation raises it).  As much again may
+        go before the next sample, so rule 2 looks ahead by that (a hungry
+        program would otherwise eat the reserve between two looks)."""
+        if inputs.stats_age is None:
+            return 0
+        taken = inputs.time - inputs.stats_age
+        last = self._sample
+        if last is None or taken > last[0]:
+            if last is not None:
+                self._use = max(0, (last[1] - available) - (inputs.actual - last[2]))
+            self._sample = (taken, available, inputs.actual)
+        return self._use
