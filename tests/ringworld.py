@@ -323,3 +323,22 @@ class LogPair:
                 page = (gpa + off) // LOG_PAGE
                 if page < 8 * len(bits):
                     assert bits[page >> 3] >> (page & 7) & 1, f"page {page:#x} written, not logged"
+
+
+def finish_case(cand: object, ref: object, logs: LogPair | None, gpas: list[int], image: list[bytearray],
+                changeable: list[tuple[int, int, int]]) -> None:
+    """The end of a property case: both rings cleared, the log covers what
+    changed, and the regions are byte-equal in both worlds and to the image
+    they started from except in ``changeable`` (region, offset, size)."""
+    cand.clear()  # type: ignore[attr-defined]
+    ref.clear()  # type: ignore[attr-defined]
+    if logs is not None:
+        logs.check_covers(gpas, image)
+    for r in range(len(gpas)):
+        got = bytes(WORLD_C.slots[r])
+        assert got == bytes(WORLD_R.slots[r])
+        expected = bytearray(image[r])
+        for region, offset, size in changeable:
+            if region == r:
+                expected[offset:offset + size] = got[offset:offset + size]
+        assert got == bytes(expected)

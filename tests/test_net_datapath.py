@@ -427,10 +427,9 @@ def test_reflect_swaps_addresses(pair: Any, sizes: list[int]) -> None:
 # ------------------------------------------------------------------ offloads
 
 
-@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-@pytest.mark.parametrize("capable", [True, False], ids=["guest_csum", "no_guest_csum"])
-def test_partial_checksum(pair: Any, v6: bool, capable: bool) -> None:
-    sw, a, b = pair(a={"tx_offloads": OFF_CSUM}, b={"rx_offloads": OFF_CSUM if capable else 0})
+def partial_frame_across(sw: Any, a: Any, b: Any, *, v6: bool = False) -> tuple[bytes, VnetHdr, bytes, VnetHdr]:
+    """A sends one TCP frame with a partial checksum (NEEDS_CSUM) to B:
+    the frame and header sent, the frame and header B received."""
     b.add_rx(4096)
     frame = tcp_frame(b"payload" * 100, v6=v6, partial=True)
     hdr = offload_hdr(frame)
@@ -438,7 +437,14 @@ def test_partial_checksum(pair: Any, v6: bool, capable: bool) -> None:
     sw.tx_burst(sw.ports[0], 0)
     headers: list[bytes] = []
     (got,), _ = b.received(headers)
-    h = VnetHdr.unpack(headers[0])
+    return frame, hdr, got, VnetHdr.unpack(headers[0])
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("capable", [True, False], ids=["guest_csum", "no_guest_csum"])
+def test_partial_checksum(pair: Any, v6: bool, capable: bool) -> None:
+    sw, a, b = pair(a={"tx_offloads": OFF_CSUM}, b={"rx_offloads": OFF_CSUM if capable else 0})
+    frame, hdr, got, h = partial_frame_across(sw, a, b, v6=v6)
     if capable:   # passed on for the receiver to complete (or trust)
         assert got == frame and h == hdr
         assert stats(sw, 1)["rx_csum"] == 0
@@ -455,14 +461,7 @@ def test_impaired_port_completes_checksums_only_to_corrupt(pair: Any, spec: list
     them completed and no DATA_VALID, so the flipped bit fails its check."""
     sw, a, b = pair(a={"tx_offloads": OFF_CSUM}, b={"rx_offloads": OFF_CSUM})
     sw.impair(sw.ports[1], parse_spec(spec))
-    b.add_rx(4096)
-    frame = tcp_frame(b"payload" * 100, partial=True)
-    hdr = offload_hdr(frame)
-    a.send(frame, hdr=hdr.pack())
-    sw.tx_burst(sw.ports[0], 0)
-    headers: list[bytes] = []
-    (got,), _ = b.received(headers)
-    h = VnetHdr.unpack(headers[0])
+    frame, hdr, got, h = partial_frame_across(sw, a, b)
     if spec == ["loss=0%"]:
         assert got == frame and h == hdr and stats(sw, 1)["rx_csum"] == 0
     else:

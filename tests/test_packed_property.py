@@ -31,6 +31,7 @@ from __future__ import annotations
 import random
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
@@ -54,6 +55,7 @@ from ringworld import (
     resolve_address,
     state,
     world_memory,
+    finish_case,
 )
 from vuser.rings import NativePackedRing, PyPackedRing
 from vuser.rings.base import MAX_INDIRECT, NO_BYTE_LIMIT, PopResult, RingMemory
@@ -387,21 +389,10 @@ def run_case(case: Case) -> dict[str, int]:
         assert all(bytes(WORLD_C.slots[r]) == bytes(WORLD_R.slots[r]) for r in range(n)), op
         if logs is not None:
             logs.check_same()
-    cand.clear()
-    ref.clear()
-    if logs is not None:
-        logs.check_covers(case.gpas, image)
-
     # Same bytes everywhere; only the descriptor ring and the device area
     # may have changed.
-    for r in range(n):
-        got = bytes(WORLD_C.slots[r])
-        assert got == bytes(WORLD_R.slots[r])
-        expected = bytearray(image[r])
-        for area, size in ((case.areas[0], sizes[0]), (case.areas[2], sizes[2])):
-            if area[0] == r:
-                expected[area[1]:area[1] + size] = got[area[1]:area[1] + size]
-        assert got == bytes(expected)
+    finish_case(cand, ref, logs, case.gpas, image,
+                [(*case.areas[0], sizes[0]), (*case.areas[2], sizes[2])])
     return stats
 
 
@@ -439,6 +430,23 @@ def test_generated_packed_rings_reach_deep() -> None:
     assert not missing, missing
 
 
+def twin_rings(num: int, wrap: int, *, event_idx: bool,
+               in_order: bool = False) -> tuple[list[tuple[Any, bytearray]], tuple[Any, Any]]:
+    """A packed ring of ``num`` slots at the start of region 0, in C and in
+    the reference, both starting on lap ``wrap``: (ring, region) pairs and
+    the two worlds' memories."""
+    sizes = packed_area_sizes(num)
+    offsets = (0, 16 * num, 16 * num + 4)
+    rings = []
+    for world, cls in ((WORLD_C, NativePackedRing), (WORLD_R, PyPackedRing)):
+        s = world.slots[0]
+        s[:] = bytes(RSIZE)
+        ring = cls()
+        assert ring.init(num, [s[o:o + n] for o, n in zip(offsets, sizes)], event_idx, wrap << 15, in_order) == 0
+        rings.append((ring, s))
+    return rings, (world_memory(WORLD_C, [0]), world_memory(WORLD_R, [0]))
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.integers(1, 64), st.integers(0, 1),
        st.lists(st.tuples(st.integers(0, 80), st.integers(0, 0xFFFF), st.sampled_from([0, 1, 2, 3]),
@@ -449,16 +457,7 @@ def test_need_notify_follows_the_driver_event(num: int, wrap: int, steps: list[t
     the guest moves its event (off_wrap and flags) at random: C and
     reference decide identically, and with EVENT_IDX a DESC event is
     signalled exactly when the used index passed it."""
-    sizes = packed_area_sizes(num)
-    offsets = (0, 16 * num, 16 * num + 4)
-    rings = []
-    for world, cls in ((WORLD_C, NativePackedRing), (WORLD_R, PyPackedRing)):
-        s = world.slots[0]
-        s[:] = bytes(RSIZE)
-        ring = cls()
-        assert ring.init(num, [s[o:o + n] for o, n in zip(offsets, sizes)], True, wrap << 15) == 0
-        rings.append((ring, s))
-    mem_c, mem_r = world_memory(WORLD_C, [0]), world_memory(WORLD_R, [0])
+    rings, (mem_c, mem_r) = twin_rings(num, wrap, event_idx=True)
     pos, pwrap = 0, wrap          # the driver's next avail slot
     used, uwrap = 0, wrap         # the device's used index, as the test tracks it
     since, pushed = 0, 0          # position at the last decision, slots pushed since
@@ -524,16 +523,7 @@ def test_in_order_batches_mix_zero_and_nonzero(num: int, wrap: int, event_idx: b
     batches mixing zero and non-zero lengths (the hostile generator almost
     never gets two in-flight buffers into one in-order batch): C and
     reference coalesce identically and write the same used descriptors."""
-    sizes = packed_area_sizes(num)
-    offsets = (0, 16 * num, 16 * num + 4)
-    rings = []
-    for world, cls in ((WORLD_C, NativePackedRing), (WORLD_R, PyPackedRing)):
-        s = world.slots[0]
-        s[:] = bytes(RSIZE)
-        ring = cls()
-        assert ring.init(num, [s[o:o + n] for o, n in zip(offsets, sizes)], event_idx, wrap << 15, True) == 0
-        rings.append((ring, s))
-    mem_c, mem_r = world_memory(WORLD_C, [0]), world_memory(WORLD_R, [0])
+    rings, (mem_c, mem_r) = twin_rings(num, wrap, event_idx=event_idx, in_order=True)
     pos, pwrap = 0, wrap
     outstanding: list[tuple[int, int]] = []          # (id, slots), oldest first
     for nslots, nchains, lengths in steps:

@@ -60,6 +60,7 @@ from ringworld import (
     state,
     facade_runs,
     world_memory,
+    finish_case,
 )
 from vuser.rings import NativeSplitRing, PySplitRing
 from vuser.rings.base import MAX_INDIRECT, NO_BYTE_LIMIT, PopResult, RingMemory
@@ -369,19 +370,8 @@ def run_case(case: Case, layout: str = "split") -> dict[str, int]:
         assert state(cand) == state(ref), op
         if logs is not None:
             logs.check_same()
-    cand.clear()
-    ref.clear()
-    if logs is not None:
-        logs.check_covers(case.gpas, image)
-
     # Same bytes everywhere; and only the used ring area may have changed.
-    for r in range(n):
-        got = bytes(WORLD_C.slots[r])
-        assert got == bytes(WORLD_R.slots[r])
-        expected = bytearray(image[r])
-        if r == ur:
-            expected[uo:uo + sizes[2]] = got[uo:uo + sizes[2]]
-        assert got == bytes(expected)
+    finish_case(cand, ref, logs, case.gpas, image, [(ur, uo, sizes[2])])
     return stats
 
 

@@ -20,6 +20,7 @@ from vuser.testing.lab import Lab, VuserGuest
 from vuser.testing.poll import wait_until
 from vuser.testing.qemu import qemu_rss
 
+from test_balloon_policy_guest import vmstat
 from virtio_sysfs import guest_feature_bits
 
 MiB = 1 << 20
@@ -39,11 +40,6 @@ async def meminfo(guest: Guest) -> dict[str, int]:
         key, _, rest = line.partition(":")
         values[key] = int(rest.split()[0]) * 1024
     return values
-
-
-async def vmstat(guest: Guest) -> dict[str, int]:
-    out = (await guest.check("cat /proc/vmstat")).stdout
-    return {key: int(value) for key, value in (line.split() for line in out.splitlines() if line.strip())}
 
 
 def balloon_guest(vuser_guest: Lab, spec: str = "", kernel: str = "bookworm") -> Any:

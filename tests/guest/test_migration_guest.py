@@ -33,7 +33,7 @@ import trio
 
 from test_net_guest import md5, nc_listen, ping
 from vuser.testing.guest import Guest, boot_guest
-from vuser.testing.lab import Lab, VuserGuest
+from vuser.testing.lab import Lab, VuserGuest, memory_mib
 from vuser.testing.poll import wait_until
 from vuser.testing.process import VuserProcess
 from vuser.testing.served import ProcessDevice
@@ -120,7 +120,7 @@ async def destination(lab: Lab, switch: Switch, a: VuserGuest, qemu: str, kernel
     workdir = lab.workdir / "a-destination"
     uri = f"unix:{workdir / 'migrate.sock'}"
     try:
-        async with boot_guest(qemu, kernel, memory_mb=int(GUEST_MEMORY.rstrip("M")), incoming=uri,
+        async with boot_guest(qemu, kernel, memory_mb=memory_mib(GUEST_MEMORY), incoming=uri,
                               extra_args=args, workdir=workdir, keep_workdir=True) as dest:
             yield dest, uri
     finally:
