@@ -18,9 +18,13 @@ import random
 from dataclasses import dataclass
 
 import pytest
+from typing import Any, Callable, Iterable
+
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from vuser.dirtylog import LOG_PAGE, BitmapLog
+from vuser.rings.errors import ERROR_NAMES
 from vuser.rings.base import MAX_INDIRECT, NO_BYTE_LIMIT, PopResult
 
 # Hostile rings per property test: 3000 in CI; more by hand, e.g.
@@ -342,3 +346,27 @@ def finish_case(cand: object, ref: object, logs: LogPair | None, gpas: list[int]
             if region == r:
                 expected[offset:offset + size] = got[offset:offset + size]
         assert got == bytes(expected)
+
+
+def check_generator_reaches_deep(run_case: Callable[[Any], dict[str, int]], cases: st.SearchStrategy[Any], *,
+                                 seed_value: int, examples: int, errors: Iterable[int]) -> None:
+    """The generated cases are not all early errors: over ``examples``
+    deterministic draws (``seed_value``: this checks the distributions, not
+    the code) they yield chains, multi-segment chains, and every chain
+    error in ``errors`` (bit numbers of ``run_case``'s ``codes``)."""
+    totals = {"chains": 0, "segs": 0, "codes": 0}
+
+    @seed(seed_value)
+    @settings(max_examples=examples, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(cases)
+    def probe(case: Any) -> None:
+        stats = run_case(case)
+        for k in ("chains", "segs"):
+            totals[k] += stats[k]
+        totals["codes"] |= stats["codes"]
+
+    probe()
+    assert totals["chains"] > 200 and totals["segs"] > totals["chains"]
+    missing = [ERROR_NAMES[-b] for b in errors if not totals["codes"] & (1 << b)]
+    assert not missing, missing

@@ -33,7 +33,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ringworld import (
@@ -56,10 +56,10 @@ from ringworld import (
     state,
     world_memory,
     finish_case,
+    check_generator_reaches_deep,
 )
 from vuser.rings import NativePackedRing, PyPackedRing
 from vuser.rings.base import MAX_INDIRECT, NO_BYTE_LIMIT, PopResult, RingMemory
-from vuser.rings.errors import ERROR_NAMES
 from vuser.rings.packed_ref import PDESC, packed_area_sizes, packed_base
 from vuser.virtio import DescFlag, EventFlags
 
@@ -412,22 +412,8 @@ PACKED_CHAIN_ERRORS = (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15, 16, 17)
 def test_generated_packed_rings_reach_deep() -> None:
     """The distributions are not all early errors: examples yield chains,
     multi-segment chains, and every kind of packed chain error."""
-    totals = {"chains": 0, "segs": 0, "codes": 0}
-
-    @seed(20261202)  # deterministic: this checks the distributions, not the code
-    @settings(max_examples=1500, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(ring_cases(max_ops=3))
-    def probe(case: Case) -> None:
-        stats = run_case(case)
-        for k in ("chains", "segs"):
-            totals[k] += stats[k]
-        totals["codes"] |= stats["codes"]
-
-    probe()
-    assert totals["chains"] > 200 and totals["segs"] > totals["chains"]
-    missing = [ERROR_NAMES[-b] for b in PACKED_CHAIN_ERRORS if not totals["codes"] & (1 << b)]
-    assert not missing, missing
+    check_generator_reaches_deep(run_case, ring_cases(max_ops=3), seed_value=20261202, examples=1500,
+                                 errors=PACKED_CHAIN_ERRORS)
 
 
 def twin_rings(num: int, wrap: int, *, event_idx: bool,

@@ -36,7 +36,7 @@ import struct
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ringworld import (
@@ -61,10 +61,10 @@ from ringworld import (
     facade_runs,
     world_memory,
     finish_case,
+    check_generator_reaches_deep,
 )
 from vuser.rings import NativeSplitRing, PySplitRing
 from vuser.rings.base import MAX_INDIRECT, NO_BYTE_LIMIT, PopResult, RingMemory
-from vuser.rings.errors import ERROR_NAMES
 from vuser.rings.split_ref import DESC, U16, need_event, split_area_sizes
 from vuser.virtio import DescFlag
 
@@ -386,22 +386,8 @@ def test_c_equals_reference_on_hostile_rings(layout: str, case: Case) -> None:
 def test_generated_rings_reach_deep() -> None:
     """The distributions are not all early errors: examples yield chains,
     multi-segment chains, and every kind of chain error."""
-    totals = {"chains": 0, "segs": 0, "codes": 0}
-
-    @seed(20261124)  # deterministic: this checks the distributions, not the code
-    @settings(max_examples=1200, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(ring_cases(max_ops=3))
-    def probe(case: Case) -> None:
-        stats = run_case(case)
-        totals["chains"] += stats["chains"]
-        totals["segs"] += stats["segs"]
-        totals["codes"] |= stats["codes"]
-
-    probe()
-    assert totals["chains"] > 200 and totals["segs"] > totals["chains"]
-    missing = [ERROR_NAMES[-b] for b in range(1, 14) if not totals["codes"] & (1 << b)]
-    assert not missing, missing
+    check_generator_reaches_deep(run_case, ring_cases(max_ops=3), seed_value=20261124, examples=1200,
+                                 errors=range(1, 14))
 
 
 @settings(max_examples=1000, deadline=None)
